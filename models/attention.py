@@ -1,0 +1,59 @@
+"""Causal softmax self-attention: multi-head or grouped-query, optional qk-norm, RoPE.
+
+The kernel is `jax.nn.dot_product_attention`: `implementation="xla"` everywhere, `"cudnn"` for the fused
+flash kernel on NVIDIA GPUs (bf16/fp16 only), `"auto"` lets JAX pick.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scalezoo.models.layers import Linear, RMSNorm, constrain, rope, scaled_normal
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with `heads` query heads sharing `kv_heads` key/value heads."""
+
+  def __init__(self, width: int, heads: int, kv_heads: int, *, rngs: nnx.Rngs, head_dim: int | None = None,
+               qk_norm: bool = False, rope_theta: float = 10000.0, implementation: str = "auto", depth: int = 1,
+               compute_dtype=jnp.float32, param_dtype=jnp.float32):
+    if heads % kv_heads:
+      raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    head_dim = head_dim or width // heads
+    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+    self.rope_theta, self.implementation = rope_theta, implementation
+    kw = dict(rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
+    self.q = Linear(width, (heads, head_dim), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw)
+    self.k = Linear(width, (kv_heads, head_dim), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), **kw)
+    self.v = Linear(width, (kv_heads, head_dim), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), **kw)
+    self.o = Linear((heads, head_dim), width, in_axes=("heads", "head_dim"), out_axes=("embed",),
+                    init=scaled_normal(heads * head_dim, 1.0 / math.sqrt(2 * depth)), **kw)
+    if qk_norm:
+      self.q_norm = RMSNorm(head_dim, axis_name="head_dim", param_dtype=param_dtype)
+      self.k_norm = RMSNorm(head_dim, axis_name="head_dim", param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    b, t, _ = x_btd.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q_btnh = constrain(self.q(x_btd), ("batch", "seq", "heads", "head_dim"))
+    k_btkh = constrain(self.k(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
+    v_btkh = constrain(self.v(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
+    if self.q_norm is not None:
+      q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+    q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
+    k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
+    impl = None if self.implementation == "auto" else self.implementation
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, implementation=impl)
+    out_btnh = constrain(out_btnh, ("batch", "seq", "heads", "head_dim"))
+    return self.o(out_btnh)

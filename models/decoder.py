@@ -1,0 +1,144 @@
+"""The generic decoder: embed -> blocks (token mixer + channel mixer per layer) -> norm -> head.
+
+Every family builds this decoder from a per-layer *pattern*: a list of `period` block factories that repeats
+`depth / period` times (dense: period 1; a hybrid with ratio 3: three linear layers then one softmax layer).
+With `scan_layers` the repeating unit is stacked along a leading `layers` axis and run by `jax.lax.scan`, so
+compile time does not grow with depth; without it the layers are a plain Python loop. Both lay out the same
+random draws (layer i always initialises from key i), so they hold the same weights and give the same outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scalezoo.models.layers import Embed, Linear, RMSNorm, constrain, scaled_normal
+
+# A factory builds one layer's token mixer or channel mixer from its rngs.
+MixerFactory = Callable[[nnx.Rngs], nnx.Module]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _split_aux(out):
+  """Mixers return y or (y, aux); aux is a dict of scalars."""
+  return out if isinstance(out, tuple) else (out, {})
+
+
+def _merge_aux(total: dict, aux: dict) -> dict:
+  out = dict(total)
+  for k, v in aux.items():
+    out[k] = out.get(k, 0.0) + v
+  return out
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then x + channel(norm(x))."""
+
+  def __init__(self, width: int, make_mixer: MixerFactory, make_channel: MixerFactory, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.mixer_norm = RMSNorm(width, param_dtype=param_dtype)
+    self.mixer = make_mixer(rngs)
+    self.channel_norm = RMSNorm(width, param_dtype=param_dtype)
+    self.channel = make_channel(rngs)
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
+    y, aux_m = _split_aux(self.mixer(self.mixer_norm(x_btd), positions_bt))
+    x_btd = constrain(x_btd + y.astype(x_btd.dtype), ("batch", "seq", "embed"))
+    y, aux_c = _split_aux(self.channel(self.channel_norm(x_btd)))
+    x_btd = constrain(x_btd + y.astype(x_btd.dtype), ("batch", "seq", "embed"))
+    return x_btd, _merge_aux(aux_m, aux_c)
+
+
+class Period(nnx.Module):
+  """One repeat of the layer pattern: `len(pattern)` blocks applied in order."""
+
+  def __init__(self, width: int, pattern: Sequence[tuple[MixerFactory, MixerFactory]], keys: jax.Array,
+               param_dtype=jnp.float32):
+    self.blocks = nnx.List([
+        Block(width, mixer, channel, rngs=nnx.Rngs(params=keys[i]), param_dtype=param_dtype)
+        for i, (mixer, channel) in enumerate(pattern)
+    ])
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
+    aux = {}
+    for block in self.blocks:
+      x_btd, a = block(x_btd, positions_bt)
+      aux = _merge_aux(aux, a)
+    return x_btd, aux
+
+
+def _apply(graphdef, state, x_btd, positions_bt):
+  return nnx.merge(graphdef, state)(x_btd, positions_bt)
+
+
+class Decoder(nnx.Module):
+  """tokens int32 [B, T] -> (logits float32 [B, T, V], aux dict of scalars)."""
+
+  def __init__(self, *, vocab_size: int, width: int, depth: int,
+               pattern: Sequence[tuple[MixerFactory, MixerFactory]], rngs: nnx.Rngs, tie_embeddings: bool = True,
+               scan_layers: bool = False, remat: str = "none", compute_dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    period = len(pattern)
+    if depth % period:
+      raise ValueError(f"depth={depth} is not a multiple of the layer pattern's period {period}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    self.depth, self.period, self.scan_layers, self.remat = depth, period, scan_layers, remat
+    self.compute_dtype = compute_dtype
+    kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
+    self.embed = Embed(vocab_size, width, rngs=rngs, **kw)
+    keys = jax.random.split(rngs.params(), depth).reshape(depth // period, period)
+    if scan_layers:
+      make = functools.partial(Period, width, pattern, param_dtype=param_dtype)
+      self.layers = nnx.vmap(make, in_axes=0, out_axes=0,
+                             transform_metadata={nnx.PARTITION_NAME: "layers"})(keys)
+    else:
+      self.layers = nnx.List([Period(width, pattern, k, param_dtype=param_dtype) for k in keys])
+    self.final_norm = RMSNorm(width, param_dtype=param_dtype)
+    self.head = None if tie_embeddings else Linear(
+        width, vocab_size, in_axes=("embed",), out_axes=("vocab",), rngs=rngs, init=scaled_normal(width), **kw)
+
+  def _layer_fn(self, graphdef):
+    fn = functools.partial(_apply, graphdef)
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat != "none":
+      fn = jax.checkpoint(fn, policy=policy)
+    return fn
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_btd = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      layer_fn = self._layer_fn(graphdef)
+
+      def body(x, layer_state):
+        return layer_fn(layer_state, x, positions_bt)
+
+      x_btd, aux_l = jax.lax.scan(body, x_btd, state)
+      aux = {k: jnp.sum(v) for k, v in aux_l.items()}
+    else:
+      aux = {}
+      for layer in self.layers:
+        graphdef, state = nnx.split(layer)
+        x_btd, a = self._layer_fn(graphdef)(state, x_btd, positions_bt)
+        aux = _merge_aux(aux, a)
+    # Metrics are averaged over layers; losses add up.
+    n_periods = self.depth // self.period
+    aux = {k: (v / n_periods if k.startswith("metric/") else v) for k, v in aux.items()}
+    x_btd = self.final_norm(x_btd)
+    logits_btv = self.embed.attend(x_btd) if self.head is None else self.head(x_btd)
+    logits_btv = constrain(logits_btv.astype(jnp.float32), ("batch", "seq", "vocab"))
+    return logits_btv, aux
