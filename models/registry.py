@@ -30,6 +30,7 @@ class Family:
   build: Callable[..., nnx.Module]
   param_counts: Callable[[Any], dict]
   flops_per_token: Callable[..., float]
+  keys: frozenset = frozenset()  # the model.* keys the family reads; others are rejected as typos
 
 
 FAMILIES: dict[str, Family] = {}
@@ -118,4 +119,7 @@ def _dense_flops_per_token(cfg, seq_len: int) -> float:
   return 6.0 * matmul + attention_flops_per_token(cfg, seq_len, cfg.depth)
 
 
-register("dense", Family(_build_dense, _dense_param_counts, _dense_flops_per_token))
+DENSE_KEYS = frozenset({"family", "width", "depth", "heads", "kv_heads", "head_dim", "ffn_width", "vocab_size",
+                        "qk_norm", "tie_embeddings", "rope_theta", "attention_impl"})
+
+register("dense", Family(_build_dense, _dense_param_counts, _dense_flops_per_token, DENSE_KEYS))

@@ -1,0 +1,1 @@
+"""Everything that runs: CLI, trainer, sharding, data, checkpoints, plots."""

@@ -1,0 +1,109 @@
+"""`scalezoo` command line: train, bench, quickstart.
+
+Bad input (a config key, a value, a missing file, a mesh that does not fit) prints one line
+`scalezoo: error: ...` and exits with code 2 before anything is written or compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+  """`--config.model.width=256` or `--config.model.width 256` -> {"model.width": "256"}."""
+  out, i = {}, 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith("--config."):
+      raise SystemExit(_usage_error(f"unrecognised argument {arg!r}; overrides look like --config.model.width=256"))
+    key, eq, value = arg[len("--config."):].partition("=")
+    if not eq:
+      if i + 1 >= len(extra):
+        raise SystemExit(_usage_error(f"{arg} needs a value: {arg}=VALUE"))
+      i, value = i + 1, extra[i + 1]
+    out[key] = value
+    i += 1
+  return out
+
+
+def _usage_error(msg: str) -> int:
+  print(f"scalezoo: error: {msg}", file=sys.stderr)
+  return 2
+
+
+def load_config(spec: str, overrides: dict[str, str]):
+  """The config named by `spec` with command-line overrides applied."""
+  from scalezoo.configs import apply_overrides, load
+  return apply_overrides(load(spec), overrides)
+
+
+def cmd_train(args, overrides) -> int:
+  from scalezoo.train.trainer import STATUS_EXIT, train
+  cfg = load_config(args.config, overrides)
+  summary = train(cfg, args.workdir, quiet=args.quiet)
+  _print_summary(args.workdir, summary)
+  return STATUS_EXIT[summary["status"]]
+
+
+def cmd_bench(args, overrides) -> int:
+  from scalezoo.train.bench import bench
+  cfg = load_config(args.config, overrides)
+  bench(cfg, args.meshes, steps=args.steps, workdir=args.workdir)
+  return 0
+
+
+def cmd_quickstart(args, overrides) -> int:
+  from scalezoo.train.plots import plot_loss_curve
+  from scalezoo.train.trainer import STATUS_EXIT, train
+  cfg = load_config("dense:quickstart", overrides)
+  summary = train(cfg, args.workdir, quiet=args.quiet)
+  png = plot_loss_curve(args.workdir)
+  _print_summary(args.workdir, summary)
+  print(f"loss curve: {png}")
+  return STATUS_EXIT[summary["status"]]
+
+
+def _print_summary(workdir: str, s: dict) -> None:
+  print(f"{s['status']}: {s['steps']} steps, {s['params'] / 1e6:.2f}M params, {s['tokens'] / 1e6:.2f}M tokens, "
+        f"loss {s['loss']:.4f}, eval loss {s['eval_loss']:.4f} ({s['eval_bpb']:.3f} bits/byte), "
+        f"{s['tokens_per_s']:.0f} tokens/s, MFU {s['mfu']:.1%}, {s['wall_s']:.0f}s")
+  print(f"summary: {os.path.join(workdir, 'summary.json')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="scalezoo", description="Architecture zoo for scaling studies.")
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train one model", epilog="Override any key with --config.KEY=VALUE.")
+  t.add_argument("--config", required=True, help="NAME[:ARG] (e.g. dense:tiny) or FILE.py[:ARG]")
+  t.add_argument("--workdir", required=True, help="run directory (resumes if it holds checkpoints)")
+  t.add_argument("--quiet", action="store_true", help="no progress bar")
+  t.set_defaults(fn=cmd_train)
+  b = sub.add_parser("bench", help="step time, tokens/s and MFU of one config over several meshes")
+  b.add_argument("--config", required=True)
+  b.add_argument("--meshes", default="auto", help='"auto" or e.g. "data=2,fsdp=4;fsdp=8"')
+  b.add_argument("--steps", type=int, default=10, help="timed steps per mesh (after 2 warm-up steps)")
+  b.add_argument("--workdir", default="", help="if set, writes bench.json there")
+  b.set_defaults(fn=cmd_bench)
+  q = sub.add_parser("quickstart", help="the README's main job on the embedded stdlib data")
+  q.add_argument("--workdir", required=True)
+  q.add_argument("--quiet", action="store_true")
+  q.set_defaults(fn=cmd_quickstart)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  from scalezoo.configs import ConfigError
+  args, extra = build_parser().parse_known_args(argv)
+  try:
+    overrides = _split_overrides(extra)
+    return args.fn(args, overrides)
+  except ConfigError as e:
+    return _usage_error(str(e))
+  except FileNotFoundError as e:
+    return _usage_error(f"{e.strerror}: {e.filename}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,162 @@
+"""The functional training step: split the model once, jit a pure step with explicit shardings and donation.
+
+State is a dict {params, rest, opt, step}: `params` the nnx.Param state, `rest` every other model variable,
+`opt` the optax state. The step scans over microbatches (gradients summed in float32, then averaged, which
+equals the full-batch gradient), skips the update when the loss or gradient is non-finite, and returns
+metrics as device scalars so the host can fetch them a step later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from scalezoo import models
+from scalezoo.models.layers import axis_rules
+from scalezoo.train import sharding
+from scalezoo.train.optim import make_optimizer
+
+
+def is_loss_term(name: str) -> bool:
+  """Aux entries prefixed `metric/` are logged only; every other entry is an already-weighted loss."""
+  return not name.startswith("metric/")
+
+
+def loss_fn(graphdef, params, rest, batch_bt):
+  """Mean next-token cross entropy plus the model's auxiliary losses on a [B, T+1] batch."""
+  model = nnx.merge(graphdef, params, rest)
+  logits_btv, aux = model(batch_bt[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch_bt[:, 1:]).mean()
+  loss = ce + sum((v for k, v in aux.items() if is_loss_term(k)), jnp.zeros((), jnp.float32))
+  return loss, dict(aux, ce=ce)
+
+
+@dataclasses.dataclass
+class TrainProgram:
+  """Everything compiled for one (config, mesh): the jitted init, train and eval steps and their shardings."""
+  graphdef: Any
+  mesh: jax.sharding.Mesh
+  rules: dict
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  init: Callable[[], dict]
+  train_step: Callable
+  eval_step: Callable
+
+  def abstract_state(self) -> Any:
+    """ShapeDtypeStructs with shardings, for checkpoint restore."""
+    shapes = jax.eval_shape(self.init)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        self.state_shardings)
+
+
+def _build_model(cfg, seed):
+  t = cfg.train
+  return models.build(cfg.model, rngs=nnx.Rngs(seed), compute_dtype=t.compute_dtype, param_dtype=t.param_dtype,
+                      scan_layers=t.scan_layers, remat=t.remat)
+
+
+def abstract_split(cfg):
+  """(graphdef, params, rest) of the model with ShapeDtypeStruct leaves; allocates nothing.
+
+  jax.eval_shape rather than nnx.eval_shape: the latter turns `out_sharding` metadata into NamedShardings on
+  the current mesh, and our metadata holds logical names, not mesh axes.
+  """
+  box = {}
+
+  def split():
+    box["graphdef"], params, rest = nnx.split(_build_model(cfg, cfg.train.seed), nnx.Param, ...)
+    return params, rest
+
+  params, rest = jax.eval_shape(split)
+  return box["graphdef"], params, rest
+
+
+def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
+  """Builds the abstract model, derives every sharding from logical axes, and jits the steps."""
+  rules = sharding.parse_rules(cfg.mesh.rules)
+  graphdef, abs_params, abs_rest = abstract_split(cfg)
+  tx, schedule = make_optimizer(cfg.train, abs_params)
+  param_specs = sharding.state_specs(abs_params, mesh, rules)
+  rest_specs = sharding.state_specs(abs_rest, mesh, rules)
+  opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, abs_params), param_specs)
+  specs = dict(params=param_specs, rest=rest_specs, opt=opt_specs, step=PartitionSpec())
+  state_shardings = sharding.named(specs, mesh)
+  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
+      ("batch", None), (cfg.train.batch_size, cfg.train.seq_len + 1), mesh, rules))
+  to_spec = sharding.spec_fn(mesh, rules)
+  n_micro = cfg.train.microbatches
+
+  def init():
+    _, params, rest = nnx.split(_build_model(cfg, cfg.train.seed), nnx.Param, ...)
+    return dict(params=params, rest=rest, opt=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+  def grads_of(params, rest, batch_bt):
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef), has_aux=True)
+    if n_micro == 1:
+      (loss, aux), grads = grad_fn(params, rest, batch_bt)
+      return loss, aux, grads
+    b = batch_bt.shape[0]
+    # Microbatch j takes rows j, j+M, j+2M, ...: each device's contiguous block of rows feeds every
+    # microbatch equally, so splitting needs no communication.
+    micro = batch_bt.reshape(b // n_micro, n_micro, -1).swapaxes(0, 1)
+
+    def body(carry, mb):
+      (loss, aux), grads = grad_fn(params, rest, mb)
+      acc_loss, acc_aux, acc_grads = carry
+      return (acc_loss + loss, jax.tree.map(jnp.add, acc_aux, aux),
+              jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)), None
+
+    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                            jax.eval_shape(lambda: grad_fn(params, rest, micro[0])[0][1]))
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_aux, zero_grads), micro)
+    scale = 1.0 / n_micro
+    return loss * scale, jax.tree.map(lambda a: a * scale, aux), jax.tree.map(lambda g: g * scale, grads)
+
+  def train_step(state, batch_bt):
+    with axis_rules(to_spec):
+      batch_bt = jax.lax.with_sharding_constraint(batch_bt, batch_sharding)
+      loss, aux, grads = grads_of(state["params"], state["rest"], batch_bt)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(params=keep(new_params, state["params"]), rest=state["rest"],
+                     opt=keep(new_opt, state["opt"]), step=state["step"] + 1)
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
+                   nonfinite=jnp.logical_not(finite).astype(jnp.int32))
+    return new_state, metrics
+
+  def eval_step(state, batch_bt):
+    with axis_rules(to_spec):
+      _, aux = loss_fn(graphdef, state["params"], state["rest"], batch_bt)
+    return aux["ce"]
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return TrainProgram(
+      graphdef=graphdef, mesh=mesh, rules=rules, tx=tx, schedule=schedule, state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      init=jax.jit(init, out_shardings=state_shardings),
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated),
+  )
+
+
+def tokens_per_step(cfg) -> int:
+  return cfg.train.batch_size * cfg.train.seq_len
+
+
+def model_flops_per_step(cfg) -> float:
+  return models.flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step(cfg)

@@ -1,0 +1,244 @@
+"""The architecture-agnostic training loop: run directory, resume, logging, eval, checkpoints, pre-emption.
+
+Order of work in `train`: validate the config and open the data (bad input fails here, before anything is
+written or compiled), claim the run directory, build the mesh and the jitted program, restore the newest good
+checkpoint (model, optimizer, step and data iterator) or initialise, then loop. The host dispatches step s and
+only then fetches the metrics of step s-1, so it never waits on the device for logging.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from scalezoo import models
+from scalezoo.configs import ConfigError
+from scalezoo.train import data as data_lib
+from scalezoo.train.checkpoint import Checkpointer
+from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, write_json
+from scalezoo.train.sharding import make_mesh
+from scalezoo.train.step import make_program
+from scalezoo.train.validate import validate
+
+STATUS_EXIT = {"completed": 0, "nonfinite": 1, "preempted": 143}
+RUN_FILES = ("metrics.jsonl", "summary.json", "loss.png", "checkpoints")
+
+
+def config_json(cfg) -> dict:
+  """The config as stored in config.json; `overwrite` is an instruction, not part of the run's identity."""
+  d = json.loads(cfg.to_json())
+  d.pop("overwrite", None)
+  return d
+
+
+def _first_difference(old, new, prefix=""):
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      diff = _first_difference(a, b, f"{prefix}{key}.")
+      if diff:
+        return diff
+    elif a != b:
+      return f"{prefix}{key}: {a!r} -> {b!r}"
+  return None
+
+
+def claim_workdir(cfg, workdir: str) -> None:
+  """Writes config.json; refuses a directory holding a run of another config unless `overwrite` is set."""
+  path = os.path.join(workdir, "config.json")
+  new = config_json(cfg)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConfigError(f"{path} is unreadable ({e}); use a new --workdir") from None
+    diff = _first_difference(old, new)
+    if diff and not cfg.overwrite:
+      raise ConfigError(f"--workdir {workdir} holds a run with a different config ({diff}); use a new --workdir "
+                        f"or --config.overwrite=true to replace it")
+    if diff:
+      for name in RUN_FILES:
+        target = os.path.join(workdir, name)
+        if os.path.isdir(target):
+          shutil.rmtree(target)
+        elif os.path.exists(target):
+          os.remove(target)
+  os.makedirs(workdir, exist_ok=True)
+  write_json(path, new)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if _is_main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _is_main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _say(msg: str, quiet: bool) -> None:
+  if not quiet:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it holds checkpoints) and returns the summary dict."""
+  devices = list(devices if devices is not None else jax.devices())
+  validate(cfg, len(devices))
+  t, n_proc = cfg.train, jax.process_count()
+  if t.batch_size % n_proc:
+    raise ConfigError(f"config key train.batch_size={t.batch_size}: must be a multiple of the {n_proc} processes")
+  train_iter = data_lib.make_train_iterator(cfg.data, batch_size=t.batch_size // n_proc, seq_len=t.seq_len,
+                                            seed=t.seed, num_steps=t.steps, process_index=jax.process_index(),
+                                            process_count=n_proc)
+  eval_data = data_lib.eval_batches(cfg.data, batch_size=t.batch_size, seq_len=t.seq_len,
+                                    num_batches=t.eval_batches)
+  bytes_per_token = data_lib.bytes_per_token(cfg.data)
+  is_main = jax.process_index() == 0
+  if is_main:
+    claim_workdir(cfg, workdir)
+
+  counts = models.param_counts(cfg.model)
+  flops_per_token = models.flops_per_token(cfg.model, t.seq_len)
+  tokens_per_step = t.batch_size * t.seq_len
+  peak = peak_flops_per_device(t.peak_flops, devices[0])
+  if peak is None:
+    _say(f"warning: unknown device kind {devices[0].device_kind!r}; set train.peak_flops for MFU", quiet)
+
+  mesh = make_mesh(cfg.mesh, devices)
+  wall0 = time.time()
+  with jax.set_mesh(mesh), _Preemption() as preemption:
+    program = make_program(cfg, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+    restored = ckpt.restore_latest(program.abstract_state())
+    if restored is None:
+      start, state = 0, program.init()
+    else:
+      start, state, data_state = restored
+      train_iter.set_state(data_state)
+      _say(f"resuming {workdir} from step {start}", quiet)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=start) if is_main else None
+    progress = Progress(t.steps, start) if (is_main and not quiet) else None
+
+    def evaluate(st) -> dict:
+      losses = [float(program.eval_step(st, jax.make_array_from_process_local_data(
+          program.batch_sharding, b[jax.process_index()::n_proc] if n_proc > 1 else b))) for b in eval_data]
+      loss = float(np.mean(losses))
+      return dict(eval_loss=loss, eval_bpb=loss / math.log(2) / bytes_per_token)
+
+    evals: dict[int, dict] = {}
+    recent = collections.deque(maxlen=1)
+    status, streak = "completed", 0
+    timing = dict(t_first=None, t_last=None, steps_timed=0, t_log=None, step_log=start, paused=0.0)
+
+    def paused(fn, *a, **kw):
+      t0 = time.time()
+      out = fn(*a, **kw)
+      timing["paused"] += time.time() - t0
+      return out
+
+    def handle(step: int, metrics, now: float | None = None) -> None:
+      nonlocal streak
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # Time spent in eval and checkpoint saves is not training time: tokens/s leaves it out.
+      now = now if now is not None else time.time() - timing["paused"]
+      if timing["t_first"] is None:
+        timing["t_first"], timing["t_log"], timing["step_log"] = now, now, step
+      else:
+        timing["t_last"], timing["steps_timed"] = now, step - (start + 1)
+      streak = streak + 1 if m["nonfinite"] else 0
+      recent.append(m["loss"])
+      if step % t.log_every == 0 or step == t.steps or step in evals:
+        dt = now - timing["t_log"]
+        tps = tokens_per_step * (step - timing["step_log"]) / dt if dt > 0 else float("nan")
+        timing["t_log"], timing["step_log"] = now, step
+        row = dict(step=step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], tokens=step * tokens_per_step,
+                   tokens_per_s=tps, mfu=mfu(tps, flops_per_token, len(devices), peak), nonfinite=m["nonfinite"])
+        row.update({k: v for k, v in m.items() if k not in row})
+        row.update(evals.pop(step, {}))
+        if log:
+          log.write(row)
+        if progress:
+          progress.update(step, m["loss"], tps)
+
+    pending = None
+    step = start
+    for step in range(start + 1, t.steps + 1):
+      batch = jax.make_array_from_process_local_data(program.batch_sharding, next(train_iter))
+      state, metrics = program.train_step(state, batch)
+      if pending is not None:
+        handle(*pending)
+      pending = (step, metrics)
+      if streak >= t.max_nonfinite:
+        status = "nonfinite"
+        break
+      if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+        evals[step] = paused(evaluate, state)
+      if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
+        paused(ckpt.save, step, state, train_iter.get_state())
+      if preemption.requested:
+        status = "preempted"
+        break
+    if pending is not None:
+      jax.block_until_ready(pending[1])
+      t_done = time.time() - timing["paused"]
+      final_eval = paused(evaluate, state) if status == "completed" else {}
+      evals[pending[0]] = final_eval
+      handle(*pending, now=t_done)
+      if streak >= t.max_nonfinite:
+        status = "nonfinite"
+    else:
+      final_eval = evaluate(state)
+    # Skipped updates leave the state as it was, so the state now is the last good one in every case.
+    ckpt.save(step, state, train_iter.get_state(), force=True)
+    ckpt.close()
+    if progress:
+      progress.close()
+    if log:
+      log.close()
+
+  timed = timing["steps_timed"]
+  tokens_per_s = (tokens_per_step * timed / (timing["t_last"] - timing["t_first"])) if timed > 0 else float("nan")
+  summary = dict(
+      family=cfg.model.family, params=counts["total"], params_active=counts["active"],
+      params_non_embedding=counts["non_embedding"], params_embedding=counts["embedding"],
+      flops_per_token=flops_per_token, seq_len=t.seq_len, batch_size=t.batch_size, steps=step,
+      tokens=step * tokens_per_step, loss=recent[-1] if recent else float("nan"),
+      eval_loss=final_eval.get("eval_loss", float("nan")), eval_bpb=final_eval.get("eval_bpb", float("nan")),
+      tokens_per_s=tokens_per_s, mfu=mfu(tokens_per_s, flops_per_token, len(devices), peak),
+      peak_flops_per_device=peak, devices=len(devices), device_kind=devices[0].device_kind,
+      mesh=dict(mesh.shape), wall_s=time.time() - wall0, status=status)
+  if is_main:
+    write_json(os.path.join(workdir, "summary.json"), summary)
+  if status == "nonfinite":
+    _say(f"stopped at step {step}: {streak} non-finite steps in a row (train.max_nonfinite={t.max_nonfinite}); "
+         f"the last good state is checkpointed at step {step}; lower train.lr or raise train.warmup", False)
+  elif status == "preempted":
+    _say(f"pre-empted at step {step}: checkpoint written; rerun the same command to resume", False)
+  return summary

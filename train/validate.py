@@ -1,0 +1,101 @@
+"""Config validation before anything compiles: each problem is one ConfigError line naming key, reason, fix."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from scalezoo.configs import ConfigError
+from scalezoo.configs.base import base_config
+from scalezoo.models.attention import IMPLEMENTATIONS
+from scalezoo.models.decoder import REMAT_POLICIES
+from scalezoo.models.registry import DTYPES, FAMILIES
+from scalezoo.train import sharding
+from scalezoo.train.optim import SCHEDULES
+
+DATA_SOURCES = ("stdlib", "text", "tokens")
+TOKENIZERS = ("byte",)
+BYTE_VOCAB = 256
+
+
+def _require(ok: bool, key: str, value, reason: str) -> None:
+  if not ok:
+    raise ConfigError(f"config key {key}={value!r}: {reason}")
+
+
+def _check_known_keys(cfg) -> None:
+  base = base_config()
+  for group in ("train", "data", "mesh", "checkpoint"):
+    unknown = sorted(set(cfg[group].keys()) - set(base[group].keys()))
+    if unknown:
+      raise ConfigError(f"unknown config key {group}.{unknown[0]}; known keys under {group}: "
+                        f"{', '.join(base[group].keys())}")
+  extra = sorted(set(cfg.keys()) - set(base.keys()))
+  if extra:
+    raise ConfigError(f"unknown config key {extra[0]}; top-level groups: {', '.join(base.keys())}")
+
+
+def validate_model(m) -> None:
+  """Checks the keys every decoder family shares."""
+  _require(m.get("family") in FAMILIES, "model.family", m.get("family"), f"known families: {', '.join(FAMILIES)}")
+  keys = FAMILIES[m.family].keys
+  unknown = sorted(set(m.keys()) - keys)
+  if unknown:
+    raise ConfigError(f"unknown config key model.{unknown[0]} for family {m.family}; known: {', '.join(sorted(keys))}")
+  for key in ("width", "depth", "heads", "kv_heads", "vocab_size", "ffn_width"):
+    _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key], "must be a positive integer")
+  _require(m.head_dim > 0 or m.width % m.heads == 0, "model.heads", m.heads,
+           f"must divide model.width={m.width} (or set model.head_dim)")
+  _require(m.heads % m.kv_heads == 0, "model.kv_heads", m.kv_heads, f"must divide model.heads={m.heads}")
+  head_dim = m.head_dim or m.width // m.heads
+  _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even for rotary embeddings")
+  _require(m.attention_impl in IMPLEMENTATIONS, "model.attention_impl", m.attention_impl,
+           f"choose one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def validate(cfg, n_devices: int) -> None:
+  """Raises ConfigError on the first bad key of `cfg` for a run on `n_devices` devices."""
+  _check_known_keys(cfg)
+  validate_model(cfg.model)
+  t = cfg.train
+  for key in ("steps", "batch_size", "seq_len", "microbatches", "max_nonfinite", "eval_batches"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive integer")
+  _require(t.lr > 0, "train.lr", t.lr, "must be positive")
+  _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
+  _require(0 <= t.warmup <= t.steps, "train.warmup", t.warmup, f"must lie in [0, train.steps={t.steps}]")
+  _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
+  _require(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must lie in (0, 1]")
+  _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+  _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+  _require(t.compute_dtype in DTYPES, "train.compute_dtype", t.compute_dtype, f"choose one of {', '.join(DTYPES)}")
+  _require(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"choose one of {', '.join(DTYPES)}")
+  _require(t.remat in REMAT_POLICIES, "train.remat", t.remat, f"choose one of {', '.join(REMAT_POLICIES)}")
+  _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+  _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: evaluate at the end)")
+  _require(t.peak_flops >= 0, "train.peak_flops", t.peak_flops, "must be >= 0 (0 looks the device up)")
+  _require(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
+           f"must divide train.batch_size={t.batch_size}")
+
+  sizes = sharding.mesh_shape(cfg.mesh, n_devices)
+  rules = sharding.parse_rules(cfg.mesh.rules)
+  dp = 1
+  for axis in rules["batch"]:
+    dp *= sizes[axis]
+  _require(t.batch_size % (dp * t.microbatches) == 0, "train.batch_size", t.batch_size,
+           f"must be a multiple of microbatches x data-parallel devices = {t.microbatches} x {dp}")
+
+  d = cfg.data
+  _require(d.source in DATA_SOURCES, "data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
+  _require(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"choose one of {', '.join(TOKENIZERS)}")
+  _require(0 < d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must lie in (0, 1)")
+  if d.source == "text":
+    _require(bool(d.path) and bool(glob.glob(os.path.expanduser(d.path), recursive=True)), "data.path", d.path,
+             "matches no files; point it at existing text files (a glob like 'corpus/**/*.txt')")
+  if d.source == "tokens":
+    _require(bool(d.path) and os.path.isfile(os.path.expanduser(d.path)), "data.path", d.path,
+             "no such file; point it at a .npy or raw binary file of token ids")
+  _require(cfg.model.vocab_size >= BYTE_VOCAB, "model.vocab_size", cfg.model.vocab_size,
+           f"must be >= {BYTE_VOCAB} for the byte tokenizer")
+
+  _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0 (0: only at the end)")
+  _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
