@@ -41,6 +41,9 @@ def get_config(arg: str | None = None):
   c.model.update(model_config(size))
   steps, batch, seq, lr, warmup = TRAIN.get(size, TRAIN_DEFAULT)
   c.train.update(dict(steps=steps, batch_size=batch, seq_len=seq, lr=lr, warmup=warmup))
+  if size in ("tiny", "quickstart"):
+    # CPU-sized configs: XLA:CPU emulates bfloat16 matmuls, so float32 is both faster and exact there.
+    c.train.compute_dtype = "float32"
   if size == "tiny":
     c.train.update(dict(log_every=1, eval_batches=2))
     c.checkpoint.every = 10

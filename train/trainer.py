@@ -141,6 +141,12 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
       start, state = 0, program.init()
     else:
       start, state, data_state = restored
+      summary_path = os.path.join(workdir, "summary.json")
+      if start >= t.steps and os.path.exists(summary_path):
+        ckpt.close()
+        _say(f"{workdir} already holds the finished run ({start} steps); nothing to do", quiet)
+        with open(summary_path) as f:
+          return json.load(f)
       train_iter.set_state(data_state)
       _say(f"resuming {workdir} from step {start}", quiet)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=start) if is_main else None
