@@ -110,7 +110,8 @@ class Embed(nnx.Module):
 
   def __init__(self, vocab_size: int, width: int, *, rngs: nnx.Rngs, compute_dtype=jnp.float32,
                param_dtype=jnp.float32):
-    # std 1/sqrt(D): tied logits x @ E^T of a unit-RMS x then start at unit scale.
+    # std 1/sqrt(D): rows have unit norm, so tied logits x @ E^T of a unit-RMS x are O(1) for unrelated rows
+    # (a token's own row, still close to x at init, gives about sqrt(D)).
     self.embedding = param(scaled_normal(width), rngs.params(), (vocab_size, width),
                            ("vocab", "embed"), param_dtype)
     self.compute_dtype = compute_dtype
