@@ -123,7 +123,8 @@ class Progress:
     rate = done / max(1e-9, time.time() - self.t0)
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     eta_s = f"{int(eta // 60)}:{int(eta % 60):02d}" if math.isfinite(eta) else "?"
-    text = f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s / 1e3:.1f}k tok/s eta {eta_s}"
+    rate_s = f"{tokens_per_s / 1e3:.1f}k" if math.isfinite(tokens_per_s) else "?"
+    text = f"step {step}/{self.total} loss {loss:.4f} {rate_s} tok/s eta {eta_s}"
     if self.tty:
       width = 24
       filled = int(width * step / max(1, self.total))

@@ -148,7 +148,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
         with open(summary_path) as f:
           return json.load(f)
       train_iter.set_state(data_state)
-      _say(f"resuming {workdir} from step {start}", quiet)
+      _say(f"resuming {workdir} from step {start}", False)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=start) if is_main else None
     progress = Progress(t.steps, start) if (is_main and not quiet) else None
 
