@@ -95,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   from scalezoo.configs import ConfigError
+  from scalezoo.train.checkpoint import CheckpointMismatchError
   args, extra = build_parser().parse_known_args(argv)
   try:
     overrides = _split_overrides(extra)
     return args.fn(args, overrides)
   except ConfigError as e:
     return _usage_error(str(e))
+  except CheckpointMismatchError as e:
+    return _usage_error(f"{e}; train this config in a new --workdir")
   except FileNotFoundError as e:
     return _usage_error(f"{e.strerror}: {e.filename}")
 
