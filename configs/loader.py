@@ -76,7 +76,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -
       raise ConfigError(f"config key {key!r} is a group; set one of its keys: {', '.join(current.keys())}")
     try:
       node[parts[-1]] = _parse_value(str(text), current)
-    except (ValueError, SyntaxError, TypeError):
+    except (ValueError, SyntaxError, TypeError, OverflowError):
       raise ConfigError(f"config key {key}={text!r}: expected a {type(current).__name__} "
                         f"like {current!r}") from None
   return cfg

@@ -82,8 +82,9 @@ def bench_one(cfg, steps: int) -> dict:
               flops_per_token=flops_per_token, batch_size=t.batch_size, seq_len=t.seq_len)
 
 
-def bench(cfg, meshes: str, *, steps: int, workdir: str = "", out=sys.stdout) -> list[dict]:
-  """Benchmarks every mesh of `meshes`, prints a table, and writes bench.json into `workdir` if given."""
+def bench(cfg, meshes: str, *, steps: int, workdir: str = "", out=None) -> list[dict]:
+  """Benchmarks every mesh of `meshes`, prints a table (to `out`, default stdout), writes bench.json if asked."""
+  out = out or sys.stdout
   if steps <= 0:
     raise ConfigError(f"--steps {steps}: must be positive")
   n = jax.device_count()

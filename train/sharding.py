@@ -71,8 +71,8 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
                         f"divide the device count")
     sizes[fill[0]] = n_devices // fixed
   elif fixed != n_devices:
-    raise ConfigError(f"mesh {_fmt(sizes)} has {fixed} devices but {n_devices} are available; make the product "
-                      f"equal {n_devices} or set one axis to -1")
+    raise ConfigError(f"config keys mesh.{{data,fsdp,tensor,expert}} give mesh {_fmt(sizes)} of {fixed} devices but "
+                      f"{n_devices} are available; make the product {n_devices} or set one axis to -1")
   return sizes
 
 

@@ -146,7 +146,8 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
         ckpt.close()
         _say(f"{workdir} already holds the finished run ({start} steps); nothing to do", quiet)
         with open(summary_path) as f:
-          return json.load(f)
+          # write_json stores NaN as null; hand callers the numbers back.
+          return {k: float("nan") if v is None else v for k, v in json.load(f).items()}
       train_iter.set_state(data_state)
       _say(f"resuming {workdir} from step {start}", False)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=start) if is_main else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 from scalezoo.configs import ConfigError
@@ -60,6 +61,8 @@ def validate(cfg, n_devices: int) -> None:
   t = cfg.train
   for key in ("steps", "batch_size", "seq_len", "microbatches", "max_nonfinite", "eval_batches"):
     _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive integer")
+  for key in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "grad_clip", "b1", "b2", "eps", "peak_flops"):
+    _require(math.isfinite(t[key]), f"train.{key}", t[key], "must be a finite number")
   _require(t.lr > 0, "train.lr", t.lr, "must be positive")
   _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
   _require(0 <= t.warmup <= t.steps, "train.warmup", t.warmup, f"must lie in [0, train.steps={t.steps}]")
