@@ -127,7 +127,7 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
     with axis_rules(to_spec):
       batch_bt = jax.lax.with_sharding_constraint(batch_bt, batch_sharding)
       loss, aux, grads = grads_of(state["params"], state["rest"], batch_bt)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
