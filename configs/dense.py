@@ -19,7 +19,7 @@ SIZES = {
 # Training defaults by size: (steps, batch_size, seq_len, lr, warmup).
 TRAIN = {
     "tiny": (20, 8, 64, 3e-3, 2),
-    "quickstart": (600, 16, 128, 3e-3, 30),
+    "quickstart": (300, 16, 128, 3e-3, 20),
 }
 TRAIN_DEFAULT = (2000, 32, 1024, 1e-3, 200)
 
@@ -48,7 +48,8 @@ def get_config(arg: str | None = None):
     c.train.update(dict(log_every=1, eval_batches=2))
     c.checkpoint.every = 10
   if size == "quickstart":
-    c.train.update(dict(log_every=10, eval_batches=16, eval_every=200))
-    c.checkpoint.every = 200
+    # A 4-layer model compiles quickly unrolled, and unrolled runs ~20% faster than scanned on CPU.
+    c.train.update(dict(log_every=10, eval_batches=16, eval_every=100, scan_layers=False))
+    c.checkpoint.every = 100
   apply_overrides(c, {f"train.{k}": v for k, v in args.items()})
   return c

@@ -21,21 +21,7 @@ TINY = ["--config", "dense:tiny", "--config.train.steps=3", "--config.train.batc
         "--config.checkpoint.every=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """Same settings as test_trainer.py's fixture (and the same cache directory)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_disable_most_optimizations")
-  old = {k: jax.config.values[k] for k in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_compile_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_disable_most_optimizations", True)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # (id, extra argv, text the error line must contain: the offending key)
@@ -55,6 +41,7 @@ BAD_INPUTS = [
     ("wrong_type", ["--config.train.steps=abc"], "train.steps"),
     ("bool_wrong_type", ["--config.train.scan_layers=maybe"], "train.scan_layers"),
     ("group_as_value", ["--config.model=3"], "model"),
+    ("cudnn_without_gpu", ["--config.model.attention_impl=cudnn"], "model.attention_impl"),
 ]
 
 

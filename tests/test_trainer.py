@@ -42,22 +42,7 @@ ONE_DEVICE = jax.devices()[:1]
 BATCH, SEQ = 8, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """For this module: a persistent compilation cache, and XLA's backend (LLVM) optimisations off, which
-  halves compile time for these tiny programs; HLO passes, sharding propagation included, still run."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_disable_most_optimizations")
-  old = {k: jax.config.values[k] for k in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_compile_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_disable_most_optimizations", True)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def tiny_cfg(**train):

@@ -22,7 +22,7 @@ from scalezoo.configs import ConfigError
 from scalezoo.train.metrics import mfu, peak_flops_per_device
 from scalezoo.train.sharding import MESH_AXES, make_mesh
 from scalezoo.train.step import make_program
-from scalezoo.train.validate import validate
+from scalezoo.train.validate import validate, validate_platform
 
 
 def parse_meshes(spec: str, n_devices: int) -> list[dict[str, int]]:
@@ -93,6 +93,7 @@ def bench(cfg, meshes: str, *, steps: int, workdir: str = "", out=None) -> list[
     c = copy.deepcopy(cfg)
     c.mesh.update({a: mesh.get(a, 1) for a in MESH_AXES})
     validate(c, n)
+    validate_platform(c, jax.devices()[0].platform)
     results.append(bench_one(c, steps))
     r = results[-1]
     mesh_s = ",".join(f"{a}={s}" for a, s in r["mesh"].items())

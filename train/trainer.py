@@ -27,7 +27,7 @@ from scalezoo.train.checkpoint import Checkpointer
 from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, write_json
 from scalezoo.train.sharding import make_mesh
 from scalezoo.train.step import make_program
-from scalezoo.train.validate import validate
+from scalezoo.train.validate import validate, validate_platform
 
 STATUS_EXIT = {"completed": 0, "nonfinite": 1, "preempted": 143}
 RUN_FILES = ("metrics.jsonl", "summary.json", "loss.png", "checkpoints")
@@ -111,6 +111,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
   """Trains `cfg` in `workdir` (resuming if it holds checkpoints) and returns the summary dict."""
   devices = list(devices if devices is not None else jax.devices())
   validate(cfg, len(devices))
+  validate_platform(cfg, devices[0].platform)
   t, n_proc = cfg.train, jax.process_count()
   if t.batch_size % n_proc:
     raise ConfigError(f"config key train.batch_size={t.batch_size}: must be a multiple of the {n_proc} processes")

@@ -54,6 +54,12 @@ def validate_model(m) -> None:
            f"choose one of {', '.join(IMPLEMENTATIONS)}")
 
 
+def validate_platform(cfg, platform: str) -> None:
+  """Checks the options that depend on the devices the run will use."""
+  _require(cfg.model.get("attention_impl") != "cudnn" or platform == "gpu", "model.attention_impl", "cudnn",
+           f"needs NVIDIA GPUs but the devices are {platform}; use auto or xla")
+
+
 def validate(cfg, n_devices: int) -> None:
   """Raises ConfigError on the first bad key of `cfg` for a run on `n_devices` devices."""
   _check_known_keys(cfg)
