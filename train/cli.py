@@ -1,4 +1,4 @@
-"""`scalezoo` command line: train, bench, quickstart.
+"""`scalezoo` command line: train, sweep, bench, quickstart.
 
 Bad input (a config key, a value, a missing file, a mesh that does not fit) prints one line
 `scalezoo: error: ...` and exits with code 2 before anything is written or compiled.
@@ -54,6 +54,16 @@ def cmd_bench(args, overrides) -> int:
   return 0
 
 
+def cmd_sweep(args, overrides) -> int:
+  from scalezoo.train.sweep import load_sweep, sweep
+  rows = sweep(load_sweep(args.config, overrides), args.workdir, quiet=args.quiet)
+  failed = [r["name"] for r in rows if r["status"] != "completed"]
+  print(f"{len(rows) - len(failed)}/{len(rows)} runs completed; results: {os.path.join(args.workdir, 'results.csv')}")
+  if failed:
+    print(f"not completed: {', '.join(failed)} (errors in results.csv)")
+  return 0 if not failed else 1
+
+
 def cmd_quickstart(args, overrides) -> int:
   from scalezoo.train.plots import plot_loss_curve
   from scalezoo.train.trainer import STATUS_EXIT, train
@@ -80,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--workdir", required=True, help="run directory (resumes if it holds checkpoints)")
   t.add_argument("--quiet", action="store_true", help="no progress bar")
   t.set_defaults(fn=cmd_train)
+  s = sub.add_parser("sweep", help="run every run of a sweep config (resumable) and write results.csv",
+                     epilog="Override sweep keys with --config.KEY=VALUE, e.g. --config.fixed.train.lr=1e-3.")
+  s.add_argument("--config", required=True, help="a sweep in configs/sweeps (e.g. dense_quick) or FILE.py[:ARG]")
+  s.add_argument("--workdir", required=True, help="sweep directory: runs/<name>/, results.csv")
+  s.add_argument("--quiet", action="store_true")
+  s.set_defaults(fn=cmd_sweep)
   b = sub.add_parser("bench", help="step time, tokens/s and MFU of one config over several meshes")
   b.add_argument("--config", required=True)
   b.add_argument("--meshes", default="auto", help='"auto" or e.g. "data=2,fsdp=4;fsdp=8"')

@@ -102,6 +102,12 @@ class MetricsLog:
     self._f.close()
 
 
+def read_summary(path: str) -> dict:
+  """summary.json with NaN back where write_json stored null."""
+  with open(path) as f:
+    return {k: float("nan") if v is None else v for k, v in json.load(f).items()}
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -24,7 +24,7 @@ from scalezoo import models
 from scalezoo.configs import ConfigError
 from scalezoo.train import data as data_lib
 from scalezoo.train.checkpoint import Checkpointer
-from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, write_json
+from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, read_summary, write_json
 from scalezoo.train.sharding import make_mesh
 from scalezoo.train.step import make_program
 from scalezoo.train.validate import validate, validate_platform
@@ -146,9 +146,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
       if start >= t.steps and os.path.exists(summary_path):
         ckpt.close()
         _say(f"{workdir} already holds the finished run ({start} steps); nothing to do", quiet)
-        with open(summary_path) as f:
-          # write_json stores NaN as null; hand callers the numbers back.
-          return {k: float("nan") if v is None else v for k, v in json.load(f).items()}
+        return read_summary(summary_path)
       train_iter.set_state(data_state)
       _say(f"resuming {workdir} from step {start}", False)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=start) if is_main else None
