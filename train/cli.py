@@ -1,4 +1,4 @@
-"""`scalezoo` command line: train, sweep, bench, quickstart.
+"""`scalezoo` command line: train, sweep, fit, plot, bench, quickstart.
 
 Bad input (a config key, a value, a missing file, a mesh that does not fit) prints one line
 `scalezoo: error: ...` and exits with code 2 before anything is written or compiled.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from scalezoo.configs import ConfigError  # light: ml_collections only, no JAX
 
 
 def _split_overrides(extra: list[str]) -> dict[str, str]:
@@ -56,12 +58,54 @@ def cmd_bench(args, overrides) -> int:
 
 def cmd_sweep(args, overrides) -> int:
   from scalezoo.train.sweep import load_sweep, sweep
+  from scalezoo.train.report import write_report
   rows = sweep(load_sweep(args.config, overrides), args.workdir, quiet=args.quiet)
   failed = [r["name"] for r in rows if r["status"] != "completed"]
   print(f"{len(rows) - len(failed)}/{len(rows)} runs completed; results: {os.path.join(args.workdir, 'results.csv')}")
   if failed:
     print(f"not completed: {', '.join(failed)} (errors in results.csv)")
+  if len(failed) < len(rows):
+    for name, path in write_report(args.workdir).items():
+      print(f"{name}: {path}")
   return 0 if not failed else 1
+
+
+def cmd_fit(args, overrides) -> int:
+  import json
+  import tempfile
+  from scalezoo.train import laws
+  from scalezoo.train.report import read_results
+  kw = {"bootstrap": args.bootstrap} if args.bootstrap else {}
+  if args.csv:
+    result = laws.fit_csv(args.csv, args.law, **kw)
+  else:
+    # A sweep's results: fit the held-out eval loss of its completed runs.
+    try:
+      rows = read_results(args.workdir)
+    except FileNotFoundError:
+      raise ConfigError(f"--workdir {args.workdir}: no results.csv; pass a sweep directory or --csv FILE") from None
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+      f.write("params,tokens,loss\n")
+      f.writelines(f"{r['params']},{r['tokens']},{r['eval_loss']}\n" for r in rows)
+    try:
+      result = laws.fit_csv(f.name, args.law, **kw)
+    finally:
+      os.unlink(f.name)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  else:
+    for k, v in result.items():
+      print(f"{k:>12}: {v}")
+  return 0
+
+
+def cmd_plot(args, overrides) -> int:
+  from scalezoo.train.report import write_report
+  if not os.path.exists(os.path.join(args.workdir, "results.csv")):
+    raise ConfigError(f"--workdir {args.workdir}: no results.csv; pass a sweep directory")
+  for name, path in write_report(args.workdir).items():
+    print(f"{name}: {path}")
+  return 0
 
 
 def cmd_quickstart(args, overrides) -> int:
@@ -96,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--workdir", required=True, help="sweep directory: runs/<name>/, results.csv")
   s.add_argument("--quiet", action="store_true")
   s.set_defaults(fn=cmd_sweep)
+  f = sub.add_parser("fit", help="fit a scaling law to a sweep's results or a CSV")
+  src = f.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="sweep directory (fits eval loss of completed runs)")
+  src.add_argument("--csv", help="CSV with columns params,tokens,loss (+streams for parscale, error for downstream)")
+  f.add_argument("--law", required=True, choices=["chinchilla", "overtrain", "parscale", "downstream"])
+  f.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% intervals (chinchilla)")
+  f.add_argument("--json", action="store_true", help="print the result as JSON")
+  f.set_defaults(fn=cmd_fit)
+  pl = sub.add_parser("plot", help="plots, fit.json and report.md of a sweep directory")
+  pl.add_argument("--workdir", required=True)
+  pl.set_defaults(fn=cmd_plot)
   b = sub.add_parser("bench", help="step time, tokens/s and MFU of one config over several meshes")
   b.add_argument("--config", required=True)
   b.add_argument("--meshes", default="auto", help='"auto" or e.g. "data=2,fsdp=4;fsdp=8"')
@@ -110,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from scalezoo.configs import ConfigError
   from scalezoo.train.checkpoint import CheckpointMismatchError
   args, extra = build_parser().parse_known_args(argv)
   try:

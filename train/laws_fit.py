@@ -8,10 +8,50 @@ is log L = LSE(a - alpha log N, b - beta log D, e).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
+import importlib
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
+
+
+@functools.cache
+def _openblas_thread_setters() -> tuple:
+  """`openblas_set_num_threads_local` of the OpenBLAS copies vendored in the numpy and scipy wheels, if any."""
+  setters = []
+  for pkg in ("numpy", "scipy"):
+    libdir = os.path.dirname(importlib.import_module(pkg).__file__) + ".libs"  # where manylinux wheels vendor it
+    for path in glob.glob(os.path.join(libdir, "*openblas*")):
+      try:
+        fn = ctypes.CDLL(path).openblas_set_num_threads_local
+      except (OSError, AttributeError):
+        continue
+      fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+      setters.append(fn)
+  return tuple(setters)
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+  """Run a block (or, as `@single_threaded_blas()`, a function) with OpenBLAS single-threaded in this thread.
+
+  The linear algebra in these fits is tiny (L-BFGS-B's 5x5 updates, [S, 240] @ [240, 3] matmuls), and waking
+  OpenBLAS's thread pool for it costs far more than it saves: 3-10x slower fits on 2 cores, worse on a busy
+  machine. The per-thread setting leaves other threads alone and is restored on exit; without a vendored
+  OpenBLAS (e.g. macOS Accelerate) this does nothing.
+  """
+  setters = _openblas_thread_setters()
+  old = [fn(1) for fn in setters]
+  try:
+    yield
+  finally:
+    for fn, n in zip(setters, old):
+      fn(n)
 
 
 def huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -67,7 +107,8 @@ class ChinchillaObjective:
     h = huber(r, self.delta)
     if weights_sp is not None:
       h = h * weights_sp
-    return h.sum(axis=1), (w1 / total, w2 / total, w3 / total, r, weights_sp)
+    # Normalising the softmax weights is left to `grad_hess`, which only sees the accepted trial points.
+    return h.sum(axis=1), (w1, w2, w3, total, r, weights_sp)
 
   def grad_hess(self, cache) -> tuple[np.ndarray, np.ndarray]:
     """Exact gradient [S, 5] and Hessian [S, 5, 5] from a `value` cache.
@@ -76,7 +117,8 @@ class ChinchillaObjective:
     Hessian in z-space per point is huber'' w w^T + huber' (diag(w) - w w^T); z is linear in theta, so the theta
     Hessian is a sum of those 3x3 blocks times features (1, x, x^2, y, ...), i.e. six [S, P] @ [P, k] matmuls.
     """
-    w1, w2, w3, r, weights = cache
+    w1, w2, w3, total, r, weights = cache
+    w1, w2, w3 = w1 / total, w2 / total, w3 / total
     g = huber_grad(r, self.delta)
     curv = (np.abs(r) <= self.delta).astype(float)
     if weights is not None:
@@ -169,11 +211,25 @@ def lbfgsb(fun_grad: Callable, x0: Sequence[float], *, bounds=None, ftol: float 
                   options=dict(ftol=ftol, gtol=gtol, maxiter=maxiter, maxfun=2 * maxiter, maxls=50))
 
 
-def multistart_lbfgsb(fun_grad: Callable, starts: np.ndarray, *, bounds=None) -> tuple[np.ndarray, float]:
-  """Best (x, f) over L-BFGS-B runs from every start; non-finite results are skipped."""
-  best_x, best_f = None, np.inf
+def multistart_lbfgsb(fun_grad: Callable, starts: np.ndarray, *, bounds=None, n_polish: int = 3,
+                      first_pass: dict | None = None) -> tuple[np.ndarray, float]:
+  """Best (x, f) over L-BFGS-B runs from every start; non-finite results are skipped.
+
+  scipy's L-BFGS-B has a fixed overhead per iteration that dwarfs these small objectives, so every start first
+  runs with loose tolerances (`first_pass`, default ftol=1e-9, gtol=1e-7, maxiter=20) and only the `n_polish`
+  best end points are run on to the tight defaults of `lbfgsb`. `fun_grad` should return an objective of order
+  one (see `lbfgsb`).
+  """
+  loose = dict(ftol=1e-9, gtol=1e-7, maxiter=20) if first_pass is None else first_pass
+  ends = []
   with np.errstate(all="ignore"):
     for x0 in np.atleast_2d(starts):
+      res = lbfgsb(fun_grad, x0, bounds=bounds, **loose)
+      if np.isfinite(res.fun):
+        ends.append((float(res.fun), res.x))
+    ends.sort(key=lambda e: e[0])
+    best_x, best_f = None, np.inf
+    for _, x0 in ends[:n_polish]:
       res = lbfgsb(fun_grad, x0, bounds=bounds)
       if np.isfinite(res.fun) and res.fun < best_f:
         best_x, best_f = res.x, float(res.fun)

@@ -6,6 +6,10 @@ A sweep config (`configs/sweeps/*.py`, `get_config(arg)`) holds:
   grid              lists of values, nested like the run config (grid.model.width = [64, 128]): every combination
   ladder            lists zipped together (all the same length), crossed with the grid
   tokens_per_param  if > 0, each run's train.steps gives about this many tokens per parameter
+  name_keys         optional: the axis keys that make up run names (default: all axes)
+The token budget can also be an axis: `budget.tokens` (absolute), `budget.tokens_per_param` or `budget.compute`
+(C = 6 N D FLOPs, with N the total parameters) in `grid` or `ladder` set train.steps per run; runs sharing a
+compute budget form the IsoFLOP groups of the report.
 Run names are deterministic (`width128-depth4`), so re-running the same command finds each run's directory:
 a finished run is skipped, an interrupted one resumes from its checkpoints, and a run that fails is recorded
 with its error while the sweep goes on.
@@ -68,13 +72,15 @@ def expand(sweep) -> list[tuple[str, dict]]:
   lengths = {len(v) for v in ladder.values()}
   if len(lengths) > 1:
     raise ConfigError(f"sweep ladder lists have different lengths {sorted(lengths)}; zipped axes need equal lengths")
+  name_keys = list(sweep.get("name_keys", []) or [])
   rungs = [dict(zip(ladder, vals)) for vals in zip(*ladder.values())] if ladder else [{}]
   points = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
   runs = []
   for point in points:
     for rung in rungs:
       values = {**point, **rung}
-      name = "-".join(f"{_short(k)}{_fmt_value(v)}" for k, v in values.items()) or "run"
+      shown = [k for k in values if k in name_keys] if name_keys else list(values)
+      name = "-".join(f"{_short(k)}{_fmt_value(values[k])}" for k in shown) or "run"
       runs.append((name, values))
   names = [n for n, _ in runs]
   if len(set(names)) != len(names):
@@ -89,17 +95,32 @@ def run_configs(sweep) -> list[tuple[str, ml_collections.ConfigDict]]:
     cfg = load(sweep.base)
     for key, value in flatten(sweep.get("fixed")).items():
       _set(cfg, key, value)
+    budget = {"tokens_per_param": float(sweep.get("tokens_per_param", 0.0))}
     for key, value in values.items():
-      _set(cfg, key, value)
-    tpp = float(sweep.get("tokens_per_param", 0.0))
-    if tpp > 0:
-      params = models.param_counts(cfg.model)["total"]
-      tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-      cfg.train.steps = max(1, math.ceil(tpp * params / tokens_per_step))
-      cfg.train.warmup = min(cfg.train.warmup, cfg.train.steps)
+      if key.startswith("budget."):
+        budget = {key[len("budget."):]: float(value)}
+      else:
+        _set(cfg, key, value)
+    _apply_budget(cfg, budget)
     validate(cfg, jax.device_count())
     out.append((name, cfg))
   return out
+
+
+BUDGETS = ("tokens", "tokens_per_param", "compute")
+
+
+def _apply_budget(cfg, budget: dict) -> None:
+  """Sets train.steps (whole steps, rounded up) from one token budget; warmup is capped at the steps."""
+  (kind, value), = budget.items()
+  if kind not in BUDGETS:
+    raise ConfigError(f"sweep key budget.{kind}: choose one of {', '.join('budget.' + b for b in BUDGETS)}")
+  if value <= 0:
+    return
+  params = models.param_counts(cfg.model)["total"]
+  tokens = {"tokens": value, "tokens_per_param": value * params, "compute": value / (6.0 * params)}[kind]
+  cfg.train.steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
+  cfg.train.warmup = min(cfg.train.warmup, cfg.train.steps)
 
 
 def _row(name: str, summary: dict | None, error: str = "") -> dict:
