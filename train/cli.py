@@ -45,7 +45,10 @@ def cmd_train(args, overrides) -> int:
   from scalezoo.train.trainer import STATUS_EXIT, train
   cfg = load_config(args.config, overrides)
   summary = train(cfg, args.workdir, quiet=args.quiet)
+  from scalezoo.train.plots import plot_loss_curve
+  png = plot_loss_curve(args.workdir)
   _print_summary(args.workdir, summary)
+  print(f"loss curve: {png}")
   return STATUS_EXIT[summary["status"]]
 
 
@@ -109,14 +112,24 @@ def cmd_plot(args, overrides) -> int:
 
 
 def cmd_quickstart(args, overrides) -> int:
-  from scalezoo.train.plots import plot_loss_curve
-  from scalezoo.train.trainer import STATUS_EXIT, train
-  cfg = load_config("dense:quickstart", overrides)
-  summary = train(cfg, args.workdir, quiet=args.quiet)
-  png = plot_loss_curve(args.workdir)
-  _print_summary(args.workdir, summary)
-  print(f"loss curve: {png}")
-  return STATUS_EXIT[summary["status"]]
+  from scalezoo.train.report import write_report
+  from scalezoo.train.sweep import load_sweep, sweep
+  rows = sweep(load_sweep("dense_quick", overrides), args.workdir, quiet=args.quiet)
+  done = [r for r in rows if r["status"] == "completed"]
+  print(f"{len(done)}/{len(rows)} runs completed: {os.path.join(args.workdir, 'results.csv')}")
+  if not done:
+    return 1
+  written = write_report(args.workdir)
+  fit = written.get("fit")
+  if fit:
+    import json
+    with open(fit) as f:
+      p = json.load(f)
+    print(f"Chinchilla fit: E={p['E']:.3f} A={p['A']:.4g} B={p['B']:.4g} alpha={p['alpha']:.3f} "
+          f"beta={p['beta']:.3f}")
+  for name, path in written.items():
+    print(f"{name}: {path}")
+  return 0 if len(done) == len(rows) else 1
 
 
 def _print_summary(workdir: str, s: dict) -> None:

@@ -22,9 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
   # Small models and short sequences: on two CPU cores the nine runs take a few minutes together.
   c.fixed = dict(model=dict(depth=2),
-                 train=dict(batch_size=16, seq_len=64, warmup=10, eval_every=0, eval_batches=8, log_every=10),
+                 train=dict(batch_size=32, seq_len=64, warmup=10, eval_every=0, eval_batches=8, log_every=10),
                  checkpoint=dict(every=200))
   c.grid = dict(budget=dict(compute=[3e10, 1e11, 3e11]))
-  c.ladder = dict(model=dict(width=[32, 48, 64], heads=[2, 4, 4], kv_heads=[2, 4, 4], ffn_width=[96, 128, 192]))
+  # Sizes bracket the compute-optimal N of each budget (about sqrt(C / 120) at D/N = 20: 16k, 29k, 50k).
+  c.ladder = dict(model=dict(width=[16, 32, 48], heads=[2, 2, 4], kv_heads=[2, 2, 4], ffn_width=[48, 96, 128]))
   c.name_keys = ["budget.compute", "model.width"]
   return c
