@@ -12,7 +12,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, seq_len=256, seed=0,
       lr=3e-3, schedule="cosine", warmup=100, min_lr_ratio=0.1,  # cosine/wsd end at lr * min_lr_ratio
-      decay_fraction=0.2,  # wsd: the last 20% of steps decay
+      decay_fraction=0.2,  # wsd and power: the last 20% of steps decay
+      power_a=4.0, power_b=-0.51,  # power: lr = min(lr, batch_size * a * tokens^b) (Shen et al. 2024)
+      step_law=False,  # True: lr and batch_size from the Step Law (Li et al. 2025), steps keep the tokens
+      mup=False, mup_base_width=128,  # muP: hidden-matrix Adam lr and logits x base/width, attention 1/d_head
       weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8,
       microbatches=1, compute_dtype="bfloat16", param_dtype="float32", remat="none", scan_layers=True,
       log_every=10, eval_every=0, eval_batches=8,  # eval_every 0: evaluate at the end only
@@ -21,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib", path="", tokenizer="byte", eval_fraction=0.05, dtype="uint16",
+      # source="markov": a random chain of known entropy rate (scalezoo.train.data.markov_entropy_rate) over
+      # markov_vocab (<= 256) symbols, each with markov_branching Dirichlet(markov_alpha) next symbols.
+      markov_vocab=64, markov_branching=4, markov_alpha=1.0, markov_seed=0, markov_tokens=2_000_000,
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1, expert=1,

@@ -5,6 +5,8 @@ A source yields one flat 1-D token stream per split ("train" or "eval"):
 - `stdlib` (default): the running interpreter's standard library `*.py` files, byte tokens.
 - `text`: the files a glob (`data.path`) matches, byte tokens.
 - `tokens`: a `.npy` or raw binary file of token ids (`data.dtype`), memory-mapped.
+- `markov`: a synthetic stationary first-order Markov chain of known entropy rate (`markov_entropy_rate`), so a
+  fitted irreducible loss can be checked; train and eval are two samples of the same chain.
 
 Documents (files) are joined with `eos` between them; text/stdlib files go to eval by a hash of their
 path relative to the corpus root, so the split is stable across machines, runs and added files.
@@ -20,13 +22,14 @@ import math
 import os
 import pathlib
 import sysconfig
+from typing import NamedTuple
 
 import grain
 import numpy as np
 
 from scalezoo.configs import ConfigError
 
-SOURCES = ("stdlib", "text", "tokens")
+SOURCES = ("stdlib", "text", "tokens", "markov")
 TOKENIZERS = ("byte",)
 SPLITS = ("train", "eval")
 
@@ -65,7 +68,9 @@ def _check(data_cfg) -> tuple[str, str, float]:
   if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
     raise ConfigError(f"data.eval_fraction={fraction!r} must be in (0, 1); set e.g. data.eval_fraction=0.05")
   path = _get(data_cfg, "path", "") or ""
-  if source != "stdlib" and not path:
+  if source == "markov":
+    markov_chain(data_cfg)  # cached; also rejects a nearly reducible draw before anything runs
+  elif source != "stdlib" and not path:
     what = "a glob of text files" if source == "text" else "a .npy or raw binary token file"
     raise ConfigError(f"data.path is empty but data.source={source!r} needs it; set data.path to {what}")
   return source, path, float(fraction)
@@ -146,6 +151,221 @@ def _open_token_file(path: str, dtype_name: str) -> np.ndarray:
   return np.memmap(path, dtype=dtype, mode="r")
 
 
+# --- markov: a synthetic source whose entropy rate is known exactly -------------------------------------------
+#
+# First order, not order k: the entropy rate then needs only the V x V matrix and its stationary vector (order
+# k would need V**k states), every predicted token of a training window has its one relevant token of context,
+# so the minimal loss is the entropy rate at every position (order k would add a seq_len-dependent warm-up),
+# and a bigram is learnt by a tiny model in a few hundred steps, which keeps the known-entropy test cheap.
+
+MARKOV_DEFAULTS = dict(markov_vocab=64, markov_branching=4, markov_alpha=1.0, markov_seed=0,
+                       markov_tokens=2_000_000)
+# Symbols are byte tokens, so every byte-level model (vocab_size >= 256) trains on the chain unchanged.
+MARKOV_MAX_VOCAB = ByteTokenizer.vocab_size
+# A chain that needs longer than this on average to reach its most probable symbol from some symbol is nearly
+# reducible: a sample of practical length would not represent it, and `sample_markov` would stall on it.
+MARKOV_MAX_HITTING_TIME = 10_000
+# Sampling runs this many chain segments side by side (see `sample_markov`); each is at least this long.
+_MARKOV_MAX_CHAINS, _MARKOV_MIN_SEGMENT = 1024, 2048
+
+
+class MarkovChain(NamedTuple):
+  """A first-order chain over symbols 0..V-1; every array is read-only float64/int64."""
+
+  transition: np.ndarray  # [V, V] P[i, j] = Pr(next = j | current = i); rows sum to 1
+  stationary: np.ndarray  # [V] pi with pi P = pi; > 0 in exact arithmetic (the chain is irreducible)
+  support: np.ndarray  # [V, B] row i's B possible next symbols
+  cumulative: np.ndarray  # [V, B] running sums of P[i, support[i]]; the last column is exactly 1
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _markov_params(data_cfg) -> tuple[int, int, float, int, int]:
+  """Validates the markov keys; returns (vocab, branching, alpha, seed, tokens)."""
+  vocab, branching, alpha, seed, tokens = (_get(data_cfg, k, v) for k, v in MARKOV_DEFAULTS.items())
+  if not _is_int(vocab) or not 2 <= vocab <= MARKOV_MAX_VOCAB:
+    raise ConfigError(f"data.markov_vocab={vocab!r} must be an integer in [2, {MARKOV_MAX_VOCAB}] (symbols are byte "
+                      f"tokens); set e.g. data.markov_vocab=64")
+  if not _is_int(branching) or not 1 <= branching <= vocab:
+    raise ConfigError(f"data.markov_branching={branching!r} must be an integer in [1, data.markov_vocab={vocab}]; "
+                      f"set e.g. data.markov_branching=4")
+  if _is_int(alpha) or isinstance(alpha, float):
+    alpha = float(alpha)
+  if not isinstance(alpha, float) or not 0.0 < alpha < math.inf:
+    raise ConfigError(f"data.markov_alpha={alpha!r} must be a positive finite number; set e.g. data.markov_alpha=1.0")
+  if not _is_int(seed) or seed < 0:
+    raise ConfigError(f"data.markov_seed={seed!r} must be a non-negative integer; set e.g. data.markov_seed=0")
+  if not _is_int(tokens) or tokens < 1:
+    raise ConfigError(f"data.markov_tokens={tokens!r} must be a positive integer; set e.g. "
+                      f"data.markov_tokens=2000000")
+  return int(vocab), int(branching), alpha, int(seed), int(tokens)
+
+
+def _seeds(seed: int) -> list[np.random.SeedSequence]:
+  # Children of one SeedSequence: the chain, the train sample and the eval sample draw independent streams.
+  return np.random.SeedSequence(seed).spawn(3)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_chain(vocab: int, branching: int, alpha: float, seed: int) -> MarkovChain:
+  rng = np.random.default_rng(_seeds(seed)[0])
+  # Each row's support holds its successor on one random cycle through all symbols, so the chain is irreducible
+  # whatever the other draws are: pi is unique and positive, and every symbol recurs (which `sample_markov`'s
+  # splicing needs). The other branching-1 next symbols are uniform over the rest, self included.
+  cycle = rng.permutation(vocab)
+  successor = np.empty(vocab, np.int64)
+  successor[cycle] = np.roll(cycle, -1)
+  support = np.empty((vocab, branching), np.int64)
+  for i in range(vocab):
+    others = np.delete(np.arange(vocab), successor[i])
+    support[i] = np.concatenate([[successor[i]], rng.choice(others, branching - 1, replace=False)])
+  weights = rng.dirichlet(np.full(branching, alpha), size=vocab)
+  # A small alpha can underflow a weight to exactly 0; the floor keeps every support edge (the cycle's above all)
+  # possible, and is far below anything a finite sample or a float32 loss can see.
+  weights = np.maximum(weights, 1e-12)
+  weights /= weights.sum(axis=1, keepdims=True)
+  transition = np.zeros((vocab, vocab))
+  np.put_along_axis(transition, support, weights, axis=1)
+  cumulative = np.cumsum(weights, axis=1)
+  cumulative[:, -1] = 1.0
+  # pi is the eigenvector of P^T for eigenvalue 1, normalised to sum 1. Solving (P^T - I) pi = 0 with one
+  # (redundant: the rows of P^T - I sum to zero) equation swapped for sum(pi) = 1 finds exactly that vector and
+  # is better conditioned than a general eigensolver when the chain is nearly periodic.
+  system = transition.T - np.eye(vocab)
+  system[-1] = 1.0
+  rhs = np.zeros(vocab)
+  rhs[-1] = 1.0
+  stationary = np.linalg.solve(system, rhs)
+  # Entries far below 1e-16 (rarely visited symbols of a skewed chain) can come out a rounding error negative.
+  stationary = np.maximum(stationary, 0.0) / np.maximum(stationary, 0.0).sum()
+  _check_hitting_times(transition, int(np.argmax(stationary)), alpha, branching)
+  assert np.abs(stationary @ transition - stationary).max() < 1e-10, "pi is not stationary"
+  for a in (transition, stationary, support, cumulative):
+    a.flags.writeable = False
+  return MarkovChain(transition, stationary, support, cumulative)
+
+
+def _check_hitting_times(transition: np.ndarray, anchor: int, alpha: float, branching: int) -> None:
+  """Raises ConfigError if some symbol takes over MARKOV_MAX_HITTING_TIME steps on average to reach `anchor`.
+
+  Small alpha puts nearly all of a row's mass on one next symbol, which makes the chain almost a deterministic
+  map whose cycles it leaves only after ~1/weight steps. The expected hitting times h of the anchor z (the
+  symbol `sample_markov` splices at) solve h_z = 0, h_i = 1 + sum_j P_ij h_j: exact, and cheap at V <= 256.
+  The check comes before pi is trusted: on a nearly reducible chain the solve for pi is ill-conditioned too.
+  """
+  rest = np.arange(len(transition)) != anchor
+  try:
+    hitting = np.linalg.solve(np.eye(len(transition) - 1) - transition[np.ix_(rest, rest)], np.ones(rest.sum()))
+    worst = float(hitting.max())
+  except np.linalg.LinAlgError:
+    worst = math.inf
+  if not worst <= MARKOV_MAX_HITTING_TIME:
+    raise ConfigError(f"data.markov_alpha={alpha!r} with data.markov_branching={branching} draws a nearly reducible "
+                      f"chain (up to {worst:.3g} steps to reach symbol {anchor}, limit {MARKOV_MAX_HITTING_TIME}); "
+                      f"raise data.markov_alpha (e.g. 1.0) or change data.markov_seed")
+
+
+def markov_chain(data_cfg) -> MarkovChain:
+  """Returns the chain `data.markov_{vocab,branching,alpha,seed}` define (cached per process).
+
+  Row i of P is Dirichlet(alpha, ..., alpha) over `markov_branching` next symbols: its successor on a random
+  cycle through all symbols (which makes the chain irreducible) and branching-1 others drawn uniformly.
+  The entropy rate grows with the branching (it is at most log branching) and with alpha; the defaults give
+  1.08 nats against log 64 = 4.16.
+  """
+  vocab, branching, alpha, seed, _ = _markov_params(data_cfg)
+  return _build_chain(vocab, branching, alpha, seed)
+
+
+def markov_entropy_rate(data_cfg) -> float:
+  """Entropy rate of the chain in nats per token: H = -sum_i pi_i sum_j P_ij log P_ij (float64, exact)."""
+  chain = markov_chain(data_cfg)
+  p = chain.transition
+  row_entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+  return float(chain.stationary @ row_entropy)
+
+
+def markov_min_loss(data_cfg, seq_len: int) -> float:
+  """The minimal mean next-token cross-entropy (nats) any model can reach on `markov` windows of `seq_len`.
+
+  A window is seq_len + 1 consecutive tokens x_0..x_seq_len of one stationary chain; the model reads
+  x_0..x_seq_len-1 and predicts x_1..x_seq_len, so target x_t always has x_{t-1} in its context. For a
+  first-order chain Pr(x_t | x_0..x_{t-1}) = P[x_{t-1}, x_t] with x_{t-1} ~ pi, so the Bayes loss is the
+  entropy rate H at every one of the seq_len positions and the mean is H whatever seq_len is. (A setup that
+  also scored x_0 from an empty context would pay the stationary entropy H(pi) there, giving
+  (H(pi) + (seq_len - 1) H) / seq_len; this pipeline never does.) The stream has no segment boundaries to
+  account for: `sample_markov` splices its segments into one exact chain.
+  """
+  if not _is_int(seq_len) or seq_len < 1:
+    raise ValueError(f"seq_len={seq_len!r} must be a positive integer")
+  return markov_entropy_rate(data_cfg)
+
+
+def sample_markov(chain: MarkovChain, num_tokens: int, rng: np.random.Generator,
+                  num_chains: int | None = None) -> np.ndarray:
+  """Returns `num_tokens` int32 symbols: one path of the stationary chain, x_0 ~ pi, sampled in parallel.
+
+  A Python loop over millions of steps is slow, so `num_chains` segments (default: one per 2048 tokens, at
+  most 1024) step side by side, each step one vectorised inverse-CDF draw. Joining segments that start
+  independently would put a transition at every seam that the chain cannot make (and that a model cannot
+  predict). Instead the seams sit at visits of an anchor symbol z (the most probable one): segment 0 starts
+  at x_0 ~ pi, every later one starts at z, and segment k is cut just before its first visit of z at or after
+  step ceil(num_tokens / num_chains). That cut is a stopping time, so by the strong Markov property what
+  follows a cut of a path has the law of a fresh path from z: the concatenation is exactly one path of the
+  chain started from pi, hence stationary, with every transition drawn from P and no boundary tokens. The
+  steps past each cut are discarded, as is the stream's end beyond `num_tokens`.
+  """
+  if num_tokens <= 0:
+    return np.zeros(0, np.int32)
+  vocab, branching = chain.support.shape
+  k = num_chains or int(np.clip(num_tokens // _MARKOV_MIN_SEGMENT, 1, _MARKOV_MAX_CHAINS))
+  min_len = -(-num_tokens // k)
+  anchor = int(np.argmax(chain.stationary))
+  # All rows' running sums in one sorted array, row i offset by i: a single searchsorted of i + u then finds
+  # the inverse CDF of row i for every segment at once. Offsets cost < 6e-14 of resolution (float64 at 256).
+  keys = (np.arange(vocab)[:, None] + chain.cumulative).reshape(-1)
+  next_symbol = chain.support.reshape(-1)
+  row_last = np.arange(vocab) * branching + branching - 1  # u rounding up to i + 1 must stay in row i
+
+  def step(x):
+    flat = np.searchsorted(keys, x + rng.random(k), side="right")
+    return next_symbol[np.minimum(flat, row_last[x])]
+
+  start_cdf = np.cumsum(chain.stationary)
+  start_cdf[-1] = 1.0
+  x = np.full(k, anchor, np.int64)
+  x[0] = min(int(np.searchsorted(start_cdf, rng.random(), side="right")), vocab - 1)
+  dtype = np.uint8 if vocab <= 256 else np.int32  # a compact path buffer: 1 byte per step
+  rows = []
+  for _ in range(min_len):
+    rows.append(x.astype(dtype))
+    x = step(x)
+  done = x == anchor
+  while not done.all():
+    rows.append(x.astype(dtype))
+    x = step(x)
+    done |= x == anchor
+  rows.append(x.astype(dtype))
+  path_tk = np.stack(rows)  # [T, K] each column one segment's path
+  cut = min_len + np.argmax(path_tk[min_len:] == anchor, axis=0)  # [K] first anchor visit at step >= min_len
+  keep_kt = np.arange(len(path_tk))[None, :] < cut[:, None]
+  # Boolean indexing reads row-major: segment 0's kept steps, then segment 1's, ...: the concatenation.
+  return path_tk.T[keep_kt][:num_tokens].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _markov_splits(vocab: int, branching: int, alpha: float, seed: int, tokens: int,
+                   eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  chain = _build_chain(vocab, branching, alpha, seed)
+  _, train_seed, eval_seed = _seeds(seed)
+  train = sample_markov(chain, tokens, np.random.default_rng(train_seed))
+  eval_ = sample_markov(chain, int(tokens * eval_fraction), np.random.default_rng(eval_seed))
+  train.flags.writeable = eval_.flags.writeable = False
+  return train, eval_
+
+
 @functools.lru_cache(maxsize=8)
 def _load_splits(source: str, path: str, eval_fraction: float, dtype: str) -> tuple[np.ndarray, np.ndarray]:
   # Both splits in one pass, cached: the stdlib is ~2000 files and the trainer asks for train, eval and
@@ -166,11 +386,16 @@ def load_tokens(data_cfg, split: str) -> np.ndarray:
   """Returns the 1-D token stream of `split` ("train" or "eval"): int32, or a read-only memmap for `tokens`.
 
   stdlib/text: each file's bytes followed by eos, files sorted by relative path, eval files chosen by
-  `in_eval_split`. tokens: eval is the last `eval_fraction` of the stream, train the rest.
+  `in_eval_split`. tokens: eval is the last `eval_fraction` of the stream, train the rest. markov:
+  `data.markov_tokens` train tokens and int(markov_tokens * eval_fraction) eval tokens, independent samples of
+  one chain (see `sample_markov`).
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r} must be one of {SPLITS}")
   source, path, fraction = _check(data_cfg)
+  if source == "markov":
+    train, eval_ = _markov_splits(*_markov_params(data_cfg), fraction)
+    return train if split == "train" else eval_
   dtype = str(_get(data_cfg, "dtype", "uint16"))
   train, eval_ = _load_splits(source, "" if source == "stdlib" else path, fraction, dtype)
   return train if split == "train" else eval_
@@ -180,7 +405,12 @@ def _num_windows(data_cfg, tokens: np.ndarray, split: str, seq_len: int, needed:
   n = len(tokens) // (seq_len + 1)
   if n < needed:
     source = _get(data_cfg, "source", "stdlib")
-    where = "data.source='stdlib'" if source == "stdlib" else f"data.path={_get(data_cfg, 'path', '')!r}"
+    if source == "markov":
+      where = f"data.source='markov' (data.markov_tokens={_get(data_cfg, 'markov_tokens', None)!r})"
+    elif source == "stdlib":
+      where = "data.source='stdlib'"
+    else:
+      where = f"data.path={_get(data_cfg, 'path', '')!r}"
     raise ConfigError(f"{where}: the {split} split has {len(tokens)} tokens, {n} sequences of train.seq_len+1="
                       f"{seq_len + 1} tokens but {needed} are needed; {fix}")
   return n

@@ -11,10 +11,11 @@ from scalezoo.configs.base import base_config
 from scalezoo.models.attention import IMPLEMENTATIONS
 from scalezoo.models.decoder import REMAT_POLICIES
 from scalezoo.models.registry import DTYPES, FAMILIES
+from scalezoo.train import data as data_lib
 from scalezoo.train import sharding
 from scalezoo.train.optim import SCHEDULES
 
-DATA_SOURCES = ("stdlib", "text", "tokens")
+DATA_SOURCES = ("stdlib", "text", "tokens", "markov")
 TOKENIZERS = ("byte",)
 BYTE_VOCAB = 256
 
@@ -60,6 +61,27 @@ def validate_platform(cfg, platform: str) -> None:
            f"needs NVIDIA GPUs but the devices are {platform}; use auto or xla")
 
 
+def validate_step_law_inputs(cfg) -> None:
+  """Checks the keys the Step Law reads (train.apply_step_law runs before `validate`)."""
+  validate_model(cfg.model)
+  t = cfg.train
+  for key in ("steps", "batch_size", "seq_len", "microbatches"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive integer")
+  _require(isinstance(t.warmup, int) and 0 <= t.warmup <= t.steps, "train.warmup", t.warmup,
+           f"must lie in [0, train.steps={t.steps}]")
+
+
+def _validate_mup_and_power(t) -> None:
+  for key in ("step_law", "mup"):
+    _require(isinstance(t[key], bool), f"train.{key}", t[key], "must be true or false")
+  _require(isinstance(t.mup_base_width, int) and t.mup_base_width > 0, "train.mup_base_width", t.mup_base_width,
+           "must be a positive integer (the width whose learning rate muP transfers)")
+  _require(isinstance(t.power_a, (int, float)) and math.isfinite(t.power_a) and t.power_a > 0, "train.power_a",
+           t.power_a, "must be a positive finite number")
+  _require(isinstance(t.power_b, (int, float)) and math.isfinite(t.power_b) and t.power_b <= 0, "train.power_b",
+           t.power_b, "must be a finite number <= 0 (the lr falls as tokens grow)")
+
+
 def validate(cfg, n_devices: int) -> None:
   """Raises ConfigError on the first bad key of `cfg` for a run on `n_devices` devices."""
   _check_known_keys(cfg)
@@ -82,6 +104,7 @@ def validate(cfg, n_devices: int) -> None:
   _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
   _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: evaluate at the end)")
   _require(t.peak_flops >= 0, "train.peak_flops", t.peak_flops, "must be >= 0 (0 looks the device up)")
+  _validate_mup_and_power(t)
   _require(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
            f"must divide train.batch_size={t.batch_size}")
 
@@ -103,6 +126,8 @@ def validate(cfg, n_devices: int) -> None:
   if d.source == "tokens":
     _require(bool(d.path) and os.path.isfile(os.path.expanduser(d.path)), "data.path", d.path,
              "no such file; point it at a .npy or raw binary file of token ids")
+  if d.source == "markov":
+    data_lib.markov_chain(d)  # the markov keys, and a draw that is not nearly reducible (cached, milliseconds)
   _require(cfg.model.vocab_size >= BYTE_VOCAB, "model.vocab_size", cfg.model.vocab_size,
            f"must be >= {BYTE_VOCAB} for the byte tokenizer")
 
