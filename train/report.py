@@ -79,7 +79,8 @@ def plot_loss_vs_compute(sweep_dir: str, rows: list[dict], fit: dict | None) -> 
     frontier = fit["E"] + fit["A"] / n_opt ** fit["alpha"] + fit["B"] / d_opt ** fit["beta"]
     ax.plot(c, frontier, "k--", lw=1.2, label="fitted law, compute-optimal")
     ax.axvline(c_data.max(), color="grey", lw=0.8, ls=":")
-    ax.axhline(fit["E"], color="tab:red", lw=0.8, ls=":", label=f"E = {fit['E']:.3f}")
+    if fit["E"] >= 0.05 * min(r["eval_loss"] for r in rows):  # an unidentified E (near 0) only squashes the plot
+      ax.axhline(fit["E"], color="tab:red", lw=0.8, ls=":", label=f"E = {fit['E']:.3f}")
     ax.legend(fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("compute C = 6ND (FLOPs)")
@@ -176,6 +177,10 @@ def _write_markdown(sweep_dir, rows, fit, minima, written) -> str:
       lines.append(f"| {c:.3g} | {n_opt:.3g} | {d_opt:.3g} | {d_opt / n_opt:.3g} | {pred:.4f} |")
     lines += ["", "With few, small runs the fit is loosely constrained (see the intervals): treat the predictions as "
               "the law's extrapolation, not a measurement."]
+    if fit["E"] < 0.05 * min(r["eval_loss"] for r in rows):
+      lines += ["", f"**E is not identified by these runs** (fitted {fit['E']:.3g}, at its lower bound): the losses "
+                "are far from the irreducible loss, so E trades off against A and B. Longer runs (more tokens per "
+                "parameter) pin it down."]
   if minima:
     lines += ["", "## IsoFLOP minima (approach 2)", "", "| C | N_opt | D_opt | min loss |", "|---|---|---|---|"]
     lines += [f"| {m['C']:.3g} | {m['N_opt']:.3g} | {m['D_opt']:.3g} | {m['L_min']:.4f} |" for m in minima]
