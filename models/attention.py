@@ -22,14 +22,15 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, heads: int, kv_heads: int, *, rngs: nnx.Rngs, head_dim: int | None = None,
                qk_norm: bool = False, rope_theta: float = 10000.0, implementation: str = "auto", depth: int = 1,
-               compute_dtype=jnp.float32, param_dtype=jnp.float32):
+               attn_scale: float | None = None, compute_dtype=jnp.float32, param_dtype=jnp.float32):
+    """`attn_scale` multiplies q.k before the softmax; None is 1/sqrt(head_dim), muP uses 1/head_dim."""
     if heads % kv_heads:
       raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     head_dim = head_dim or width // heads
     self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-    self.rope_theta, self.implementation = rope_theta, implementation
+    self.rope_theta, self.implementation, self.attn_scale = rope_theta, implementation, attn_scale
     kw = dict(rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
     self.q = Linear(width, (heads, head_dim), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw)
     self.k = Linear(width, (kv_heads, head_dim), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), **kw)
@@ -54,6 +55,7 @@ class Attention(nnx.Module):
     q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
     k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
     impl = None if self.implementation == "auto" else self.implementation
-    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, implementation=impl)
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, implementation=impl,
+                                             scale=self.attn_scale)
     out_btnh = constrain(out_btnh, ("batch", "seq", "heads", "head_dim"))
     return self.o(out_btnh)

@@ -86,15 +86,16 @@ class Decoder(nnx.Module):
 
   def __init__(self, *, vocab_size: int, width: int, depth: int,
                pattern: Sequence[tuple[MixerFactory, MixerFactory]], rngs: nnx.Rngs, tie_embeddings: bool = True,
-               scan_layers: bool = False, remat: str = "none", compute_dtype=jnp.float32,
+               scan_layers: bool = False, remat: str = "none", logit_scale: float = 1.0, compute_dtype=jnp.float32,
                param_dtype=jnp.float32):
+    """`logit_scale` multiplies the logits (muP's readout multiplier base_width / width; 1.0 leaves them as is)."""
     period = len(pattern)
     if depth % period:
       raise ValueError(f"depth={depth} is not a multiple of the layer pattern's period {period}")
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
     self.depth, self.period, self.scan_layers, self.remat = depth, period, scan_layers, remat
-    self.compute_dtype = compute_dtype
+    self.compute_dtype, self.logit_scale = compute_dtype, logit_scale
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
     self.embed = Embed(vocab_size, width, rngs=rngs, **kw)
     keys = jax.random.split(rngs.params(), depth).reshape(depth // period, period)
@@ -140,5 +141,8 @@ class Decoder(nnx.Module):
     aux = {k: (v / n_periods if k.startswith("metric/") else v) for k, v in aux.items()}
     x_btd = self.final_norm(x_btd)
     logits_btv = self.embed.attend(x_btd) if self.head is None else self.head(x_btd)
-    logits_btv = constrain(logits_btv.astype(jnp.float32), ("batch", "seq", "vocab"))
+    logits_btv = logits_btv.astype(jnp.float32)
+    if self.logit_scale != 1.0:  # skipped at 1.0 so the default program is unchanged
+      logits_btv = logits_btv * self.logit_scale
+    logits_btv = constrain(logits_btv, ("batch", "seq", "vocab"))
     return logits_btv, aux

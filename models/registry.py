@@ -13,6 +13,7 @@ attention's QK^T and AV, 12 * T * heads * head_dim per layer, halved for the cau
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -47,10 +48,21 @@ def family_of(cfg) -> Family:
 
 
 def build(cfg, *, rngs: nnx.Rngs, compute_dtype: str = "float32", param_dtype: str = "float32",
-          scan_layers: bool = False, remat: str = "none") -> nnx.Module:
-  """Builds the model of `cfg` (a `config.model` ConfigDict); options come from `config.train`."""
-  return family_of(cfg).build(cfg, rngs=rngs, compute_dtype=DTYPES[compute_dtype],
-                              param_dtype=DTYPES[param_dtype], scan_layers=scan_layers, remat=remat)
+          scan_layers: bool = False, remat: str = "none", mup_base_width: int = 0) -> nnx.Module:
+  """Builds the model of `cfg` (a `config.model` ConfigDict); options come from `config.train`.
+
+  `mup_base_width` > 0 builds the muP forward pass (logits x base/width, attention 1/head_dim); the muP learning
+  rates are the optimizer's (train.optim). 0 builds the standard parameterisation.
+  """
+  family = family_of(cfg)
+  options = {}
+  if mup_base_width:
+    # Passed only when on, so families written before muP keep their builder signature.
+    if "mup_base_width" not in inspect.signature(family.build).parameters:
+      raise ValueError(f"model family {cfg.family!r} does not support muP (train.mup)")
+    options["mup_base_width"] = mup_base_width
+  return family.build(cfg, rngs=rngs, compute_dtype=DTYPES[compute_dtype], param_dtype=DTYPES[param_dtype],
+                      scan_layers=scan_layers, remat=remat, **options)
 
 
 def param_counts(cfg) -> dict:
@@ -71,21 +83,28 @@ def head_dim(cfg) -> int:
   return cfg.get("head_dim", 0) or cfg.width // cfg.heads
 
 
-def attention_factory(cfg, dtypes: dict) -> Callable[[nnx.Rngs], nnx.Module]:
+def attention_factory(cfg, dtypes: dict, mup: bool = False) -> Callable[[nnx.Rngs], nnx.Module]:
+  scale = 1.0 / head_dim(cfg) if mup else None  # muP: q.k / head_dim, since q and k align after training
   return lambda rngs: Attention(cfg.width, cfg.heads, cfg.kv_heads, rngs=rngs, head_dim=head_dim(cfg),
                                 qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
-                                implementation=cfg.attention_impl, depth=cfg.depth, **dtypes)
+                                implementation=cfg.attention_impl, depth=cfg.depth, attn_scale=scale, **dtypes)
+
+
+def mup_logit_scale(cfg, mup_base_width: int) -> float:
+  """muP's readout multiplier base_width / width (1.0 when muP is off)."""
+  return mup_base_width / cfg.width if mup_base_width else 1.0
 
 
 def mlp_factory(cfg, dtypes: dict) -> Callable[[nnx.Rngs], nnx.Module]:
   return lambda rngs: SwiGLU(cfg.width, cfg.ffn_width, rngs=rngs, depth=cfg.depth, **dtypes)
 
 
-def _build_dense(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat):
+def _build_dense(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0):
   dtypes = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
-  pattern = [(attention_factory(cfg, dtypes), mlp_factory(cfg, dtypes))]
+  pattern = [(attention_factory(cfg, dtypes, mup=bool(mup_base_width)), mlp_factory(cfg, dtypes))]
   return Decoder(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, pattern=pattern, rngs=rngs,
-                 tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat, **dtypes)
+                 tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat,
+                 logit_scale=mup_logit_scale(cfg, mup_base_width), **dtypes)
 
 
 def attention_matmul_params(cfg) -> int:

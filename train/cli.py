@@ -104,6 +104,8 @@ def cmd_fit(args, overrides) -> int:
 
 def cmd_plot(args, overrides) -> int:
   from scalezoo.train.report import write_report
+  if args.coord_check:
+    return _coord_check(args, overrides)
   if not os.path.exists(os.path.join(args.workdir, "results.csv")):
     raise ConfigError(f"--workdir {args.workdir}: no results.csv; pass a sweep directory")
   for name, path in write_report(args.workdir).items():
@@ -130,6 +132,25 @@ def cmd_quickstart(args, overrides) -> int:
   for name, path in written.items():
     print(f"{name}: {path}")
   return 0 if len(done) == len(rows) else 1
+
+
+def _coord_check(args, overrides) -> int:
+  import json
+  from scalezoo.train.coord_check import coord_check, plot_coord_check
+  cfg = load_config(args.coord_check, overrides)
+  try:
+    widths = [int(w) for w in args.widths.split(",")]
+  except ValueError:
+    raise ConfigError(f"--widths {args.widths!r}: write comma-separated integers like 64,128,256") from None
+  os.makedirs(args.workdir, exist_ok=True)
+  result = coord_check(cfg, widths, args.steps)
+  tag = "mup" if cfg.train.mup else "sp"
+  with open(os.path.join(args.workdir, f"coord_check_{tag}.json"), "w") as f:
+    json.dump({str(k): v for k, v in result.items()}, f, indent=2)
+  png = os.path.join(args.workdir, f"coord_check_{tag}.png")
+  plot_coord_check(result, png, title=f"coordinate check ({tag}, {args.steps} steps)")
+  print(f"coord check: {png}")
+  return 0
 
 
 def _print_summary(workdir: str, s: dict) -> None:
@@ -163,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
   f.set_defaults(fn=cmd_fit)
   pl = sub.add_parser("plot", help="plots, fit.json and report.md of a sweep directory")
   pl.add_argument("--workdir", required=True)
+  pl.add_argument("--coord-check", default="", metavar="CONFIG",
+                  help="instead: muP coordinate check of CONFIG across --widths (use --config.train.mup=true)")
+  pl.add_argument("--widths", default="64,128,256")
+  pl.add_argument("--steps", type=int, default=5)
   pl.set_defaults(fn=cmd_plot)
   b = sub.add_parser("bench", help="step time, tokens/s and MFU of one config over several meshes")
   b.add_argument("--config", required=True)

@@ -62,7 +62,7 @@ class TrainProgram:
 def _build_model(cfg, seed):
   t = cfg.train
   return models.build(cfg.model, rngs=nnx.Rngs(seed), compute_dtype=t.compute_dtype, param_dtype=t.param_dtype,
-                      scan_layers=t.scan_layers, remat=t.remat)
+                      scan_layers=t.scan_layers, remat=t.remat, mup_base_width=t.mup_base_width if t.mup else 0)
 
 
 def abstract_split(cfg):

@@ -26,6 +26,7 @@ from scalezoo.train import data as data_lib
 from scalezoo.train.checkpoint import Checkpointer
 from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, read_summary, write_json
 from scalezoo.train.sharding import make_mesh
+from scalezoo.train.optim import apply_step_law, data_parallel_size
 from scalezoo.train.step import make_program
 from scalezoo.train.validate import validate, validate_platform
 
@@ -110,6 +111,8 @@ def _say(msg: str, quiet: bool) -> None:
 def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
   """Trains `cfg` in `workdir` (resuming if it holds checkpoints) and returns the summary dict."""
   devices = list(devices if devices is not None else jax.devices())
+  if cfg.train.get("step_law"):
+    cfg = apply_step_law(cfg, data_parallel_size(cfg, len(devices)))
   validate(cfg, len(devices))
   validate_platform(cfg, devices[0].platform)
   t, n_proc = cfg.train, jax.process_count()
