@@ -106,7 +106,7 @@ def test_train_succeeds(tmp_path, capsys):
   code, out, err = _run(["train", "--workdir", str(workdir), "--quiet"] + TINY, capsys)
   assert code == 0, err
   assert "error" not in err
-  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl",
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "loss.png", "metrics.jsonl",
                                                       "summary.json"]
   config = json.loads((workdir / "config.json").read_text())
   assert config["train"]["steps"] == 3 and config["train"]["compute_dtype"] == "float32"
