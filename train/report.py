@@ -45,6 +45,20 @@ def _size_colors(params: list[float]):
   return lambda p: cmap(0.0 if hi == lo else (math.log(p) - lo) / (hi - lo))
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, path: str, legend: int) -> str:
+  """Shared finish of every sweep plot: log x axis, labels, grid, legend of font size `legend` (0: none)."""
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, which="both")
+  if legend:
+    ax.legend(fontsize=legend)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def plot_loss_curves(sweep_dir: str, rows: list[dict]) -> str:
   """Training loss against tokens for every run, coloured by parameter count."""
   color = _size_colors([r["params"] for r in rows])
@@ -54,16 +68,7 @@ def plot_loss_curves(sweep_dir: str, rows: list[dict]) -> str:
     pts = [(m["tokens"], m["loss"]) for m in metrics if m.get("loss") is not None]
     ax.plot([t for t, _ in pts], [v for _, v in pts], color=color(r["params"]), lw=1.2,
             label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
-  ax.set_xscale("log")
-  ax.set_xlabel("tokens")
-  ax.set_ylabel("train loss (nats/token)")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  out = os.path.join(sweep_dir, "loss_curves.png")
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return _save(fig, ax, "tokens", "train loss (nats/token)", os.path.join(sweep_dir, "loss_curves.png"), legend=7)
 
 
 def plot_loss_vs_compute(sweep_dir: str, rows: list[dict], fit: dict | None) -> str:
@@ -81,16 +86,8 @@ def plot_loss_vs_compute(sweep_dir: str, rows: list[dict], fit: dict | None) -> 
     ax.axvline(c_data.max(), color="grey", lw=0.8, ls=":")
     if fit["E"] >= 0.05 * min(r["eval_loss"] for r in rows):  # an unidentified E (near 0) only squashes the plot
       ax.axhline(fit["E"], color="tab:red", lw=0.8, ls=":", label=f"E = {fit['E']:.3f}")
-    ax.legend(fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("compute C = 6ND (FLOPs)")
-  ax.set_ylabel("eval loss (nats/token)")
-  ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  out = os.path.join(sweep_dir, "loss_vs_compute.png")
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return _save(fig, ax, "compute C = 6ND (FLOPs)", "eval loss (nats/token)",
+               os.path.join(sweep_dir, "loss_vs_compute.png"), legend=8 if fit is not None else 0)
 
 
 def plot_isoflop(sweep_dir: str, rows: list[dict], minima: list[dict]) -> str:
@@ -104,16 +101,7 @@ def plot_isoflop(sweep_dir: str, rows: list[dict], minima: list[dict]) -> str:
     ax.plot([r["params"] for r in members], [r["eval_loss"] for r in members], "o-", color=col,
             label=f"C = {m['C']:.2e}")
     ax.plot([m["N_opt"]], [m["L_min"]], "*", color=col, ms=12)
-  ax.set_xscale("log")
-  ax.set_xlabel("parameters N")
-  ax.set_ylabel("eval loss (nats/token)")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  out = os.path.join(sweep_dir, "isoflop.png")
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return _save(fig, ax, "parameters N", "eval loss (nats/token)", os.path.join(sweep_dir, "isoflop.png"), legend=8)
 
 
 def fit_sweep(rows: list[dict], bootstrap: int = 0) -> dict | None:
