@@ -13,11 +13,11 @@ assert jax.device_count() == 8, "tests need 8 host devices; import jax only afte
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def fast_compile(tmp_path_factory):
-  """For the trainer-level modules that use it: a persistent compilation cache shared across the session, and
-  XLA's backend (LLVM) optimisations off, which halves compile time for tiny programs; HLO passes, sharding
-  propagation included, still run. Restored afterwards so numerics tests elsewhere see default settings."""
+  """For the whole suite: a persistent compilation cache shared across the session, and XLA's backend (LLVM)
+  optimisations off, which halves compile time for these tiny programs; HLO passes, sharding propagation
+  included, still run, and every comparison in the suite is between programs compiled the same way."""
   from jax.experimental.compilation_cache import compilation_cache as cc
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
           "jax_disable_most_optimizations")

@@ -58,7 +58,8 @@ def cli(tmp_path_factory, token_file) -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true")
   return dict(env=env, flags=[*FLAGS, f"--config.data.path={token_file}"])
 
 

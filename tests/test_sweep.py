@@ -111,7 +111,8 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
       "  return c\n")
   workdir = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "scalezoo.train.cli", "sweep", "--config", str(sweep_file), "--workdir", str(workdir)]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   second = workdir / "runs" / "depth2"
   deadline = time.monotonic() + 240
