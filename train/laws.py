@@ -438,14 +438,15 @@ def fit_csv(path: str, law: str, **kw) -> dict:
     result = fitter(*(cols[c] for c in columns), **kw)
   except (ValueError, RuntimeError) as e:
     raise ConfigError(f"--csv {path}: --law {law} fit failed: {e}") from None
-  return _jsonable(dict(law=law, **result))
+  return jsonable(dict(law=law, **result))
 
 
-def _jsonable(value):
+def jsonable(value):
+  """numpy scalars/arrays and tuples -> plain JSON types, recursively."""
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
     return int(value)
   if isinstance(value, (np.floating, float)):

@@ -7,7 +7,6 @@ to the completed runs' eval losses (nats/token) against total parameters N and t
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
@@ -127,14 +126,10 @@ def write_report(sweep_dir: str, *, bootstrap: int = 50) -> dict:
   if minima:
     written["isoflop"] = plot_isoflop(sweep_dir, rows, minima)
   if fit is not None:
-    write_json(os.path.join(sweep_dir, "fit.json"), {"law": "chinchilla", **_jsonable(fit)})
+    write_json(os.path.join(sweep_dir, "fit.json"), {"law": "chinchilla", **laws.jsonable(fit)})
     written["fit"] = os.path.join(sweep_dir, "fit.json")
   written["report"] = _write_markdown(sweep_dir, rows, fit, minima, written)
   return written
-
-
-def _jsonable(d: dict) -> dict:
-  return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def _write_markdown(sweep_dir, rows, fit, minima, written) -> str:

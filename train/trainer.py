@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -99,7 +100,6 @@ class _Preemption:
 
 
 def _is_main_thread() -> bool:
-  import threading
   return threading.current_thread() is threading.main_thread()
 
 

@@ -15,8 +15,8 @@ from scalezoo.train import data as data_lib
 from scalezoo.train import sharding
 from scalezoo.train.optim import SCHEDULES
 
-DATA_SOURCES = ("stdlib", "text", "tokens", "markov")
-TOKENIZERS = ("byte",)
+DATA_SOURCES = data_lib.SOURCES
+TOKENIZERS = data_lib.TOKENIZERS
 BYTE_VOCAB = 256
 
 
