@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1, expert=1,
+      preset="",  # dp | fsdp | fsdp_tp | ep (train/sharding.py PRESETS); "" uses the sizes above as given
+      dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1,  # multi-slice: slices along each axis
       rules="",  # overrides of the logical-axis rules table, e.g. "embed=;mlp=tensor,fsdp"
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3))

@@ -13,7 +13,7 @@ from scalezoo.configs import load
 from scalezoo.train.cli import main
 from scalezoo.train.metrics import read_jsonl
 
-# The settings of test_trainer.tiny_cfg, so this run's programs (8 devices, fsdp=8) are the ones its bench test
+# The settings of test_trainer.tiny_cfg, so this run's programs (8 devices, fsdp=8) are the ones test_bench.py
 # compiles: with the shared persistent cache each compiles once per session.
 TINY = ["--config", "dense:tiny", "--config.train.steps=3", "--config.train.batch_size=8",
         "--config.train.seq_len=32", "--config.train.compute_dtype=float32", "--config.train.schedule=constant",
@@ -92,13 +92,6 @@ def test_bad_config_leaves_existing_workdir_alone(tmp_path, capsys):
   _assert_usage_error(code, out, err, "train.lr")
   assert [p.name for p in workdir.iterdir()] == ["config.json"]
   assert (workdir / "config.json").read_text() == "{}\n"
-
-
-def test_bench_bad_meshes(tmp_path, capsys):
-  code, out, err = _run(["bench", "--config", "dense:tiny", "--meshes", "fsdp8", "--steps", "2",
-                         "--workdir", str(tmp_path / "bench")], capsys)
-  _assert_usage_error(code, out, err, "--meshes")
-  assert not (tmp_path / "bench").exists()
 
 
 def test_train_succeeds(tmp_path, capsys):

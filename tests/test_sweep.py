@@ -140,3 +140,11 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
                                                                    ("depth2", "completed", "40")]
   steps = [json.loads(line)["step"] for line in open(second / "metrics.jsonl")]
   assert steps == list(range(1, 41))
+
+
+def test_fixed_overrides_reach_every_run_even_keys_the_sweep_does_not_fix():
+  s = sweep_lib.load_sweep("dense_quick:tiny", {"fixed.mesh.preset": "dp", "fixed.train.batch_size": "16"})
+  runs = sweep_lib.run_configs(s)
+  assert {cfg.mesh.preset for _, cfg in runs} == {"dp"} and {cfg.train.batch_size for _, cfg in runs} == {16}
+  with pytest.raises(ConfigError, match="did you mean mesh.preset"):
+    sweep_lib.run_configs(sweep_lib.load_sweep("dense_quick:tiny", {"fixed.mesh.prest": "dp"}))

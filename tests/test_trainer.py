@@ -1,5 +1,5 @@
 """Trainer: gradient accumulation, sharded == single device, schedules, decay mask, the non-finite guard,
-run outputs, run-directory claims, MFU helpers and bench.
+run outputs, run-directory claims and MFU helpers (bench: test_bench.py).
 
 Compiles dominate the cost on CPU, so every test uses one tiny config (`tiny_cfg`) whose jitted programs are
 identical wherever the mesh is: `constant` schedule with no warmup makes the step independent of
@@ -7,13 +7,12 @@ identical wherever the mesh is: `constant` schedule with no warmup makes the ste
 persistent compilation cache (a fresh directory per pytest session, shared with test_cli.py) then lets each
 distinct program compile once per session even though every `train()` call builds new jitted functions.
 Distinct programs: 1-device init/step/eval, its microbatches=4 step, its NaN-injecting step/eval, and
-init/step on the 8-device meshes fsdp=4,tensor=2 (sharded test, bench) and fsdp=8 (bench, test_cli).
+init/step on the 8-device meshes fsdp=4,tensor=2 (sharded test, test_bench) and fsdp=8 (test_bench, test_cli).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from scalezoo import configs, models
 from scalezoo.configs import ConfigError
 from scalezoo.train import metrics as metrics_lib
 from scalezoo.train import step as step_lib
-from scalezoo.train.bench import bench
 from scalezoo.train.checkpoint import Checkpointer
 from scalezoo.train.data import make_train_iterator
 from scalezoo.train.metrics import mfu, peak_flops_per_device, read_jsonl
@@ -407,24 +405,3 @@ def test_peak_flops_and_mfu():
   assert math.isnan(mfu(float("nan"), 1e6, 2, 1e9))
   assert mfu(1000.0, 1e6, 2, 1e9) == pytest.approx(0.5)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# 9. bench
-
-
-def test_bench_two_meshes():
-  table = io.StringIO()
-  results = bench(tiny_cfg(), "fsdp=8;fsdp=4,tensor=2", steps=2, out=table)
-  assert [r["mesh"] for r in results] == [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
-  for r in results:
-    assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
-    assert math.isfinite(r["loss"]) and r["devices"] == 8
-    assert r["step_s"] > 0 and math.isfinite(r["mfu"])
-  lines = table.getvalue().strip().splitlines()
-  assert len(lines) == 2 and lines[0].startswith("fsdp=8") and lines[1].startswith("fsdp=4,tensor=2")
-
-
-@pytest.mark.parametrize("meshes", ["fsdp8", "model=2", "fsdp=x", ";", "fsdp=3"])
-def test_bench_bad_meshes(meshes):
-  with pytest.raises(ConfigError):
-    bench(tiny_cfg(), meshes, steps=2)

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -46,9 +47,15 @@ class Checkpointer:
   multi-host job must make the same calls.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               processes: list[int] | None = None):
+    """`processes`: the processes that own the state's devices (default: all); a subset, such as one host
+    running a packed sweep run on its own devices, saves and restores without waiting for the others."""
     if keep < 1:
       raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+    everyone = list(range(jax.process_count()))
+    self._processes = sorted(processes) if processes else everyone
+    subset = self._processes != everyone
     path = str(directory)
     self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
     _install_noise_filters()
@@ -59,6 +66,9 @@ class Checkpointer:
         # Left off: it would delete a save that another job is writing into this directory right now, and the
         # leftover of a killed save is removed anyway when the resumed run saves that step again.
         cleanup_tmp_directories=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=self._processes[0], active_processes=set(self._processes) if subset else None,
+            barrier_sync_key_prefix=f"scalezoo-{zlib.crc32(path.encode()):08x}" if subset else None),
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
@@ -156,12 +166,12 @@ class Checkpointer:
       suffix += 1
     outcome = f"moved it to {target.name}"
     # One process renames; the rest wait for it, so that every process sees the same steps afterwards.
-    if jax.process_index() == 0:
+    if jax.process_index() == self._processes[0]:
       try:
         source.rename(target)
       except OSError as e:
         outcome = f"could not move it aside ({type(e).__name__}: {e})"
-    if jax.process_count() > 1:
+    if len(self._processes) > 1:
       multihost_utils.sync_global_devices(f"scalezoo checkpoint set aside {step} {target.name}")
     print(f"warning: checkpoint step {step} in {self.directory} does not restore ({_reason(error)}); "
           f"{outcome}; trying an older one", file=sys.stderr, flush=True)

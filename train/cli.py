@@ -35,6 +35,13 @@ def _usage_error(msg: str) -> int:
   return 2
 
 
+def check_workdir(workdir: str) -> None:
+  """Run files are appended and replaced in place, which object stores cannot do: refuse URLs up front."""
+  if workdir and "://" in workdir:
+    raise ConfigError(f"--workdir {workdir}: scalezoo writes run files with plain file I/O; mount the bucket "
+                      f"(gcsfuse, see tpu/README.md) and pass the mount path, e.g. /mnt/gcs/BUCKET/run")
+
+
 def load_config(spec: str, overrides: dict[str, str]):
   """The config named by `spec` with command-line overrides applied."""
   from scalezoo.configs import apply_overrides, load
@@ -45,18 +52,20 @@ def cmd_train(args, overrides) -> int:
   from scalezoo.train.trainer import STATUS_EXIT, train
   cfg = load_config(args.config, overrides)
   summary = train(cfg, args.workdir, quiet=args.quiet)
-  from scalezoo.train.plots import plot_loss_curve
-  png = plot_loss_curve(args.workdir)
-  _print_summary(args.workdir, summary)
-  print(f"loss curve: {png}")
+  if jax_process_index() == 0:
+    from scalezoo.train.plots import plot_loss_curve
+    png = plot_loss_curve(args.workdir)
+    _print_summary(args.workdir, summary)
+    print(f"loss curve: {png}")
   return STATUS_EXIT[summary["status"]]
 
 
 def cmd_bench(args, overrides) -> int:
   from scalezoo.train.bench import bench
   cfg = load_config(args.config, overrides)
-  bench(cfg, args.meshes, steps=args.steps, workdir=args.workdir)
-  return 0
+  rows = bench(cfg, args.meshes, steps=args.steps, preset=args.preset, batch_auto=args.batch == "auto",
+               max_batch=args.max_batch, memory_limit=args.memory_limit, workdir=args.workdir)
+  return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
 def cmd_sweep(args, overrides) -> int:
@@ -67,10 +76,18 @@ def cmd_sweep(args, overrides) -> int:
   print(f"{len(rows) - len(failed)}/{len(rows)} runs completed; results: {os.path.join(args.workdir, 'results.csv')}")
   if failed:
     print(f"not completed: {', '.join(failed)} (errors in results.csv)")
-  if len(failed) < len(rows):
+  if len(failed) < len(rows) and jax_process_index() == 0:
     for name, path in write_report(args.workdir).items():
       print(f"{name}: {path}")
+  if any(r["status"] == "preempted" for r in rows):
+    print("pre-empted: rerun the same command to resume")
+    return 143
   return 0 if not failed else 1
+
+
+def jax_process_index() -> int:
+  import jax
+  return jax.process_index()
 
 
 def cmd_fit(args, overrides) -> int:
@@ -167,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="NAME[:ARG] (e.g. dense:tiny) or FILE.py[:ARG]")
   t.add_argument("--workdir", required=True, help="run directory (resumes if it holds checkpoints)")
   t.add_argument("--quiet", action="store_true", help="no progress bar")
+  _add_multiprocess_flags(t)
   t.set_defaults(fn=cmd_train)
   s = sub.add_parser("sweep", help="run every run of a sweep config (resumable) and write results.csv",
                      epilog="Override sweep keys with --config.KEY=VALUE, e.g. --config.fixed.train.lr=1e-3.")
   s.add_argument("--config", required=True, help="a sweep in configs/sweeps (e.g. dense_quick) or FILE.py[:ARG]")
   s.add_argument("--workdir", required=True, help="sweep directory: runs/<name>/, results.csv")
   s.add_argument("--quiet", action="store_true")
+  _add_multiprocess_flags(s)
   s.set_defaults(fn=cmd_sweep)
   f = sub.add_parser("fit", help="fit a scaling law to a sweep's results or a CSV")
   src = f.add_mutually_exclusive_group(required=True)
@@ -189,11 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--widths", default="64,128,256")
   pl.add_argument("--steps", type=int, default=5)
   pl.set_defaults(fn=cmd_plot)
-  b = sub.add_parser("bench", help="step time, tokens/s and MFU of one config over several meshes")
+  b = sub.add_parser("bench", help="parallelism sweep: step time, tokens/s, MFU and memory of one config per mesh",
+                     epilog="Exit code 0 if any mesh ran, 1 if none did, 2 for bad arguments.")
   b.add_argument("--config", required=True)
-  b.add_argument("--meshes", default="auto", help='"auto" or e.g. "data=2,fsdp=4;fsdp=8"')
+  b.add_argument("--meshes", default="auto",
+                 help='"auto" (every factorisation of the devices over the --preset axes) or "data=2,fsdp=4;fsdp=8"')
+  b.add_argument("--preset", default="", help="axes for auto: dp, fsdp, fsdp_tp or ep (default: the config's "
+                                              "mesh.preset, else data,fsdp,tensor, plus expert for MoE models)")
   b.add_argument("--steps", type=int, default=10, help="timed steps per mesh (after 2 warm-up steps)")
-  b.add_argument("--workdir", default="", help="if set, writes bench.json there")
+  b.add_argument("--batch", choices=("config", "auto"), default="config",
+                 help="auto: per mesh, the largest power-of-two per-device batch whose compiled memory fits")
+  b.add_argument("--max-batch", "--max_batch", dest="max_batch", type=int, default=1024,
+                 help="per-device cap for --batch auto")
+  b.add_argument("--memory_limit", "--memory-limit", dest="memory_limit", type=float, default=0.0, metavar="GIB",
+                 help="per-device memory limit in GiB (default: the device's own limit where it reports one)")
+  b.add_argument("--workdir", default="", help="if set, writes bench.csv and bench.json there")
+  _add_multiprocess_flags(b)
   b.set_defaults(fn=cmd_bench)
   q = sub.add_parser("quickstart", help="the README's main job on the embedded stdlib data")
   q.add_argument("--workdir", required=True)
@@ -202,11 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _add_multiprocess_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("multi-process (TPU pods and SLURM/MPI jobs are detected without these)")
+  g.add_argument("--coordinator", default="", metavar="HOST:PORT", help="process 0's address, on every process")
+  g.add_argument("--num_processes", type=int, default=0, help="number of processes in the job")
+  g.add_argument("--process_id", type=int, default=-1, help="this process's index, 0 .. num_processes-1")
+
+
 def main(argv: list[str] | None = None) -> int:
   from scalezoo.train.checkpoint import CheckpointMismatchError
   args, extra = build_parser().parse_known_args(argv)
   try:
     overrides = _split_overrides(extra)
+    check_workdir(getattr(args, "workdir", "") or "")
+    if hasattr(args, "coordinator"):
+      from scalezoo.train.distributed import initialize
+      initialize(args.coordinator, args.num_processes, args.process_id)
     return args.fn(args, overrides)
   except ConfigError as e:
     return _usage_error(str(e))

@@ -86,7 +86,7 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
   rules = sharding.parse_rules(cfg.mesh.rules)
   graphdef, abs_params, abs_rest = abstract_split(cfg)
   tx, schedule = make_optimizer(cfg.train, abs_params)
-  param_specs = sharding.state_specs(abs_params, mesh, rules)
+  param_specs = sharding.state_specs(abs_params, mesh, rules, strict=True)
   rest_specs = sharding.state_specs(abs_rest, mesh, rules)
   opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, abs_params), param_specs)
   specs = dict(params=param_specs, rest=rest_specs, opt=opt_specs, step=PartitionSpec())

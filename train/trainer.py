@@ -42,6 +42,11 @@ def config_json(cfg) -> dict:
   return d
 
 
+def run_identity(config: dict) -> dict:
+  """What must match to resume a run: everything but the mesh, since checkpoints restore onto any mesh."""
+  return {k: v for k, v in config.items() if k != "mesh"}
+
+
 def _first_difference(old, new, prefix=""):
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
@@ -64,7 +69,7 @@ def claim_workdir(cfg, workdir: str) -> None:
         old = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise ConfigError(f"{path} is unreadable ({e}); use a new --workdir") from None
-    diff = _first_difference(old, new)
+    diff = _first_difference(run_identity(old), run_identity(new))
     if diff and not cfg.overwrite:
       raise ConfigError(f"--workdir {workdir} holds a run with a different config ({diff}); use a new --workdir "
                         f"or --config.overwrite=true to replace it")
@@ -79,24 +84,40 @@ def claim_workdir(cfg, workdir: str) -> None:
   write_json(path, new)
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+_PREEMPTED = threading.Event()
+
+
+class preemption_guard:
+  """Turns SIGTERM into a flag every training loop of this process checks after each step.
+
+  Installed by `train` on the main thread, and by a packed sweep around its run threads (signal handlers
+  can only be set on the main thread), so one SIGTERM checkpoints every run in flight. Nested use is a no-op.
+  """
 
   def __init__(self):
-    self.requested = False
     self._old = None
 
   def __enter__(self):
-    if _is_main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+    if _is_main_thread() and not getattr(signal.getsignal(signal.SIGTERM), "_scalezoo", False):
+      _PREEMPTED.clear()
+      self._old = signal.signal(signal.SIGTERM, _on_sigterm)
     return self
 
-  def _handle(self, signum, frame):
-    self.requested = True
+  @property
+  def requested(self) -> bool:
+    return _PREEMPTED.is_set()
 
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+      _PREEMPTED.clear()
+
+
+def _on_sigterm(signum, frame):
+  _PREEMPTED.set()
+
+
+_on_sigterm._scalezoo = True
 
 
 def _is_main_thread() -> bool:
@@ -108,23 +129,45 @@ def _say(msg: str, quiet: bool) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def run_processes(devices) -> tuple[int, int]:
+  """(this process's rank among the processes owning `devices`, how many there are).
+
+  A run on the whole job spans every process; a packed sweep run on one host's devices spans just that one,
+  which then feeds the whole batch and writes the run's files itself.
+  """
+  procs = sorted({d.process_index for d in devices})
+  if jax.process_index() not in procs:
+    raise ValueError(f"process {jax.process_index()} owns none of the run's devices (processes {procs})")
+  return procs.index(jax.process_index()), len(procs)
+
+
 def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
-  """Trains `cfg` in `workdir` (resuming if it holds checkpoints) and returns the summary dict."""
+  """Trains `cfg` in `workdir` (resuming if it holds checkpoints) and returns the summary dict.
+
+  `devices` (default: all) may be a subset, e.g. one group of a packed sweep; every process owning one of
+  them must call `train` alike.
+  """
   devices = list(devices if devices is not None else jax.devices())
   if cfg.train.get("step_law"):
     cfg = apply_step_law(cfg, data_parallel_size(cfg, len(devices)))
   validate(cfg, len(devices))
   validate_platform(cfg, devices[0].platform)
-  t, n_proc = cfg.train, jax.process_count()
+  t = cfg.train
+  rank, n_proc = run_processes(devices)
   if t.batch_size % n_proc:
     raise ConfigError(f"config key train.batch_size={t.batch_size}: must be a multiple of the {n_proc} processes")
   train_iter = data_lib.make_train_iterator(cfg.data, batch_size=t.batch_size // n_proc, seq_len=t.seq_len,
-                                            seed=t.seed, num_steps=t.steps, process_index=jax.process_index(),
+                                            seed=t.seed, num_steps=t.steps, process_index=rank,
                                             process_count=n_proc)
   eval_data = data_lib.eval_batches(cfg.data, batch_size=t.batch_size, seq_len=t.seq_len,
                                     num_batches=t.eval_batches)
   bytes_per_token = data_lib.bytes_per_token(cfg.data)
-  is_main = jax.process_index() == 0
+  is_main = rank == 0
+  mesh = make_mesh(cfg.mesh, devices)
+  with jax.set_mesh(mesh):
+    # Builds the abstract model and every sharding: a mesh axis that does not divide a parameter fails here,
+    # before the run directory is touched.
+    program = make_program(cfg, mesh)
   if is_main:
     claim_workdir(cfg, workdir)
 
@@ -135,11 +178,10 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
   if peak is None:
     _say(f"warning: unknown device kind {devices[0].device_kind!r}; set train.peak_flops for MFU", quiet)
 
-  mesh = make_mesh(cfg.mesh, devices)
   wall0 = time.time()
-  with jax.set_mesh(mesh), _Preemption() as preemption:
-    program = make_program(cfg, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  with jax.set_mesh(mesh), preemption_guard() as preemption:
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        processes=sorted({d.process_index for d in devices}))
     restored = ckpt.restore_latest(program.abstract_state())
     if restored is None:
       start, state = 0, program.init()
@@ -157,7 +199,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
 
     def evaluate(st) -> dict:
       losses = [float(program.eval_step(st, jax.make_array_from_process_local_data(
-          program.batch_sharding, b[jax.process_index()::n_proc] if n_proc > 1 else b))) for b in eval_data]
+          program.batch_sharding, b[rank::n_proc] if n_proc > 1 else b))) for b in eval_data]
       loss = float(np.mean(losses))
       return dict(eval_loss=loss, eval_bpb=loss / math.log(2) / bytes_per_token)
 

@@ -13,6 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.base = "dense:quickstart"
   c.tokens_per_param = 0.0
+  c.devices_per_run = 0  # > 0 packs runs onto groups of that many devices, several at once
   if arg == "tiny":
     c.base = "dense:tiny"
     c.fixed = dict(train=dict(batch_size=8, seq_len=32, log_every=1, eval_batches=1), checkpoint=dict(every=0))
