@@ -8,6 +8,7 @@ from scalezoo.models.attention import Attention
 from scalezoo.models.decoder import Block, Decoder
 from scalezoo.models.layers import Embed, Linear, RMSNorm, SwiGLU, axis_rules, constrain, rope
 from scalezoo.models.registry import FAMILIES, build, flops_per_token, param_counts
+from scalezoo.models import moe_families  # noqa: F401  (registers the moe and moge families)
 
 __all__ = ["Attention", "Block", "Decoder", "Embed", "Linear", "RMSNorm", "SwiGLU", "axis_rules", "constrain",
            "rope", "FAMILIES", "build", "flops_per_token", "param_counts"]

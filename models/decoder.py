@@ -30,7 +30,7 @@ REMAT_POLICIES = {
 
 
 def _split_aux(out):
-  """Mixers return y or (y, aux); aux is a dict of scalars."""
+  """Mixers return y or (y, aux); aux is a dict of scalars (arrays for `layer/` entries)."""
   return out if isinstance(out, tuple) else (out, {})
 
 
@@ -78,7 +78,14 @@ class Period(nnx.Module):
 
 
 def _apply(graphdef, state, x_btd, positions_bt):
-  return nnx.merge(graphdef, state)(x_btd, positions_bt)
+  """One period as a pure function: (y, aux, its non-parameter state after the call).
+
+  Layers may update non-parameter variables in their forward pass (an MoE layer counts its expert load);
+  returning them lets scan and remat carry the update out, where `Decoder.__call__` writes it back.
+  """
+  module = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level (scan, remat)
+  y, aux = module(x_btd, positions_bt)
+  return y, aux, nnx.state(module, nnx.Not(nnx.Param))
 
 
 class Decoder(nnx.Module):
@@ -126,17 +133,24 @@ class Decoder(nnx.Module):
       layer_fn = self._layer_fn(graphdef)
 
       def body(x, layer_state):
-        return layer_fn(layer_state, x, positions_bt)
+        y, a, updated = layer_fn(layer_state, x, positions_bt)
+        return y, (a, updated)
 
-      x_btd, aux_l = jax.lax.scan(body, x_btd, state)
-      aux = {k: jnp.sum(v) for k, v in aux_l.items()}
+      x_btd, (aux_l, updated) = jax.lax.scan(body, x_btd, state)
+      nnx.update(self.layers, updated)
+      aux = {k: v if k.startswith("layer/") else jnp.sum(v) for k, v in aux_l.items()}
     else:
-      aux = {}
+      aux, per_layer = {}, {}
       for layer in self.layers:
         graphdef, state = nnx.split(layer)
-        x_btd, a = self._layer_fn(graphdef)(state, x_btd, positions_bt)
+        x_btd, a, updated = self._layer_fn(graphdef)(state, x_btd, positions_bt)
+        nnx.update(layer, updated)
+        for k in [k for k in a if k.startswith("layer/")]:
+          per_layer.setdefault(k, []).append(a.pop(k))
         aux = _merge_aux(aux, a)
-    # Metrics are averaged over layers; losses add up.
+      aux.update({k: jnp.stack(v) for k, v in per_layer.items()})
+    # `layer/` entries stay per period (stacked on a leading axis, logged as lists); `metric/` entries are
+    # averaged over layers; losses add up.
     n_periods = self.depth // self.period
     aux = {k: (v / n_periods if k.startswith("metric/") else v) for k, v in aux.items()}
     x_btd = self.final_norm(x_btd)

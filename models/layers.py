@@ -63,6 +63,15 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, to_spec(tuple(axes), x.shape))
 
 
+def logical_spec(axes: Axes, shape: Sequence[int]) -> jax.sharding.PartitionSpec | None:
+  """The PartitionSpec the installed rules give logical `axes` on the current mesh; None outside a mesh."""
+  to_spec = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if to_spec is None or mesh is None or mesh.empty:
+    return None
+  return to_spec(tuple(axes), tuple(shape))
+
+
 def param(init: Initializer, key: jax.Array, shape: Sequence[int], axes: Axes, dtype=jnp.float32) -> nnx.Param:
   """A parameter tagged with its logical axes.
 

@@ -79,7 +79,13 @@ def test_every_family_same_loss_under_every_preset(family):
   _, ref, _ = _run_steps(cfg, ONE_DEVICE, batches)
   presets = dict(dp={}, fsdp={}, fsdp_tp=dict(tensor=2))
   if "moe" in cfg.model:
-    presets["ep"] = dict(expert=2)
+    # fsdp splits the batch as dp does and the weights too, so for the (slow to compile) MoE families it
+    # stands for dp; ep splits the experts.
+    presets = dict(fsdp={}, fsdp_tp=dict(tensor=2), ep=dict(expert=2))
+  if family == "moge":
+    # The same parameter tree and layouts as moe (routing differs only in global math before dispatch), so
+    # moe's dp/fsdp/fsdp_tp runs cover it; ep is where moge's routing meets the expert-parallel dispatch.
+    presets = dict(ep=dict(expert=2))
   for preset, extra in presets.items():
     c = copy.deepcopy(cfg)
     c.mesh.update(dict(preset=preset, **extra))
@@ -219,17 +225,19 @@ def test_two_processes_train_like_one(tmp_path):
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
+  # The reference runs on fsdp=8 (programs the resharding test compiled already); another mesh adds float
+  # reduction-order differences only, hence rtol 1e-5 rather than bitwise.
   single = tmp_path / "one"
   cfg = tiny_cfg(steps=3, eval_batches=2)
-  cfg.mesh.update(dict(data=2, fsdp=4))
+  cfg.mesh.update(dict(data=1, fsdp=8))
   train(cfg, str(single), quiet=True)
   two_rows, one_rows = read_jsonl(str(multi / "metrics.jsonl")), read_jsonl(str(single / "metrics.jsonl"))
   assert [r["step"] for r in two_rows] == [1, 2, 3]  # process 0 alone wrote the metrics
-  np.testing.assert_allclose([r["loss"] for r in two_rows], [r["loss"] for r in one_rows], rtol=1e-6)
+  np.testing.assert_allclose([r["loss"] for r in two_rows], [r["loss"] for r in one_rows], rtol=1e-5)
   s2 = json.loads((multi / "summary.json").read_text())
   s1 = json.loads((single / "summary.json").read_text())
   assert s2["devices"] == 8 and s2["mesh"]["data"] == 2 and s2["mesh"]["fsdp"] == 4
-  assert math.isclose(s2["eval_loss"], s1["eval_loss"], rel_tol=1e-6)
+  assert math.isclose(s2["eval_loss"], s1["eval_loss"], rel_tol=1e-5)
 
   # The checkpoint both processes wrote restores in one process and equals the one-process run's state.
   states = []

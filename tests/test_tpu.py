@@ -467,9 +467,11 @@ def test_mount_script_installs_gcsfuse_once_and_mounts_once(tmp_path):
   assert script == MOUNT
   assert _bash_with(script, tmp_path, bin_).returncode == 0
   d, ids = "/mnt/gcs/bkt", f"{os.getuid()}:{os.getgid()}"
-  assert log.read_text().splitlines() == [
-      "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg",
-      "sudo tee /usr/share/keyrings/cloud.google.asc", "  stdin: KEY",
+  lines = log.read_text().splitlines()
+  # curl and tee run at once (a pipe): their three log lines may interleave in any order.
+  assert sorted(lines[:3]) == sorted(["curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg",
+                                      "sudo tee /usr/share/keyrings/cloud.google.asc", "  stdin: KEY"])
+  assert lines[3:] == [
       "sudo tee /etc/apt/sources.list.d/gcsfuse.list",
       "  stdin: deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
       "gcsfuse-jammy main",

@@ -25,17 +25,30 @@ from scalezoo.train.optim import make_optimizer
 
 
 def is_loss_term(name: str) -> bool:
-  """Aux entries prefixed `metric/` are logged only; every other entry is an already-weighted loss."""
-  return not name.startswith("metric/")
+  """Aux entries prefixed `metric/` (scalars) or `layer/` (one value per layer) are logged only; every other
+  entry is an already-weighted loss."""
+  return not name.startswith(("metric/", "layer/"))
 
 
 def loss_fn(graphdef, params, rest, batch_bt):
-  """Mean next-token cross entropy plus the model's auxiliary losses on a [B, T+1] batch."""
-  model = nnx.merge(graphdef, params, rest)
+  """(loss, (aux, rest after the forward pass)) on a [B, T+1] batch: mean next-token cross entropy plus the
+  model's auxiliary losses; `rest` comes back because layers may update non-parameter state as they run."""
+  # copy=True: fresh Variables at this trace level, so layers may update their non-parameter state under grad.
+  model = nnx.merge(graphdef, params, rest, copy=True)
   logits_btv, aux = model(batch_bt[:, :-1])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch_bt[:, 1:]).mean()
   loss = ce + sum((v for k, v in aux.items() if is_loss_term(k)), jnp.zeros((), jnp.float32))
-  return loss, dict(aux, ce=ce)
+  return loss, (dict(aux, ce=ce), jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param))))
+
+
+def after_step(graphdef, params, rest):
+  """Non-gradient updates once per optimizer step: every module with an `after_step()` method runs it (an MoE
+  layer moves its balancing bias by its expert load); returns the new non-parameter state."""
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, "after_step"):
+      module.after_step()
+  return nnx.state(model, nnx.Not(nnx.Param))
 
 
 @dataclasses.dataclass
@@ -103,36 +116,40 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
   def grads_of(params, rest, batch_bt):
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef), has_aux=True)
     if n_micro == 1:
-      (loss, aux), grads = grad_fn(params, rest, batch_bt)
-      return loss, aux, grads
+      (loss, (aux, rest)), grads = grad_fn(params, rest, batch_bt)
+      return loss, aux, grads, rest
     b = batch_bt.shape[0]
     # Microbatch j takes rows j, j+M, j+2M, ...: each device's contiguous block of rows feeds every
     # microbatch equally, so splitting needs no communication.
     micro = batch_bt.reshape(b // n_micro, n_micro, -1).swapaxes(0, 1)
 
     def body(carry, mb):
-      (loss, aux), grads = grad_fn(params, rest, mb)
-      acc_loss, acc_aux, acc_grads = carry
+      acc_loss, acc_aux, acc_grads, rest = carry
+      # `rest` is carried: state a forward pass accumulates (expert load) sums over the whole batch.
+      (loss, (aux, rest)), grads = grad_fn(params, rest, mb)
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_aux, aux),
-              jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)), None
+              jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads), rest), None
 
     zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            jax.eval_shape(lambda: grad_fn(params, rest, micro[0])[0][1]))
+                            jax.eval_shape(lambda: grad_fn(params, rest, micro[0])[0][1][0]))
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_aux, zero_grads), micro)
+    (loss, aux, grads, rest), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_aux, zero_grads, rest),
+                                               micro)
     scale = 1.0 / n_micro
-    return loss * scale, jax.tree.map(lambda a: a * scale, aux), jax.tree.map(lambda g: g * scale, grads)
+    return loss * scale, jax.tree.map(lambda a: a * scale, aux), jax.tree.map(lambda g: g * scale, grads), rest
 
   def train_step(state, batch_bt):
     with axis_rules(to_spec):
       batch_bt = jax.lax.with_sharding_constraint(batch_bt, batch_sharding)
-      loss, aux, grads = grads_of(state["params"], state["rest"], batch_bt)
+      loss, aux, grads, rest = grads_of(state["params"], state["rest"], batch_bt)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
+    if jax.tree.leaves(rest):  # skipped for models without such state, so their program is unchanged
+      rest = after_step(graphdef, new_params, rest)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = dict(params=keep(new_params, state["params"]), rest=state["rest"],
+    new_state = dict(params=keep(new_params, state["params"]), rest=keep(rest, state["rest"]),
                      opt=keep(new_opt, state["opt"]), step=state["step"] + 1)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))
@@ -140,7 +157,7 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
 
   def eval_step(state, batch_bt):
     with axis_rules(to_spec):
-      _, aux = loss_fn(graphdef, state["params"], state["rest"], batch_bt)
+      _, (aux, _) = loss_fn(graphdef, state["params"], state["rest"], batch_bt)
     return aux["ce"]
 
   replicated = NamedSharding(mesh, PartitionSpec())

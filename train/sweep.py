@@ -7,6 +7,8 @@ A sweep config (`configs/sweeps/*.py`, `get_config(arg)`) holds:
   ladder            lists zipped together (all the same length), crossed with the grid
   tokens_per_param  if > 0, each run's train.steps gives about this many tokens per parameter
   name_keys         optional: the axis keys that make up run names (default: all axes)
+  A `base` list in `grid` or `ladder` makes the run config itself an axis (grid.base = ["dense:quickstart",
+  "moe:quickstart"]): runs of different families in one sweep, named by the config (`dense-width32`).
   devices_per_run   optional: 0 (default) runs one run at a time on every device; k > 0 splits the devices into
                     groups of k (within a host where k fits in one) and runs one run per group at once
 The token budget can also be an axis: `budget.tokens` (absolute), `budget.tokens_per_param` or `budget.compute`
@@ -74,6 +76,12 @@ def _fmt_value(v) -> str:
   return str(v).replace("/", "_").replace(" ", "")
 
 
+def _name_part(key: str, value) -> str:
+  if key == "base":  # "moe:quickstart" -> "moe": the config's name says the family
+    return _fmt_value(str(value).split(":")[0].split(os.sep)[-1].removesuffix(".py"))
+  return f"{_short(key)}{_fmt_value(value)}"
+
+
 def expand(sweep) -> list[tuple[str, dict]]:
   """[(run name, {dotted key: value})] in a fixed order: grid (row-major) crossed with the ladder."""
   grid = {k: list(v) for k, v in flatten(sweep.get("grid")).items()}
@@ -89,7 +97,7 @@ def expand(sweep) -> list[tuple[str, dict]]:
     for rung in rungs:
       values = {**point, **rung}
       shown = [k for k in values if k in name_keys] if name_keys else list(values)
-      name = "-".join(f"{_short(k)}{_fmt_value(values[k])}" for k in shown) or "run"
+      name = "-".join(_name_part(k, values[k]) for k in shown) or "run"
       runs.append((name, values))
   names = [n for n, _ in runs]
   if len(set(names)) != len(names):
@@ -101,11 +109,13 @@ def run_configs(sweep, n_devices: int | None = None) -> list[tuple[str, ml_colle
   """Every run's full config, validated (for runs on `n_devices`, default all) before any run starts."""
   out = []
   for name, values in expand(sweep):
-    cfg = load(sweep.base)
+    cfg = load(values.get("base", sweep.get("base")))
     for key, value in flatten(sweep.get("fixed")).items():
       _set(cfg, key, value)
     budget = {"tokens_per_param": float(sweep.get("tokens_per_param", 0.0))}
     for key, value in values.items():
+      if key == "base":
+        continue
       if key.startswith("budget."):
         budget = {key[len("budget."):]: float(value)}
       else:
@@ -126,7 +136,9 @@ def _apply_budget(cfg, budget: dict) -> None:
     raise ConfigError(f"sweep key budget.{kind}: choose one of {', '.join('budget.' + b for b in BUDGETS)}")
   if value <= 0:
     return
-  params = models.param_counts(cfg.model)["total"]
+  # Active parameters: a token's compute and a sparse model's tokens-per-parameter follow what it passes
+  # through, not the experts it skips (dense: active = total).
+  params = models.param_counts(cfg.model)["active"]
   tokens = {"tokens": value, "tokens_per_param": value * params, "compute": value / (6.0 * params)}[kind]
   cfg.train.steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
   cfg.train.warmup = min(cfg.train.warmup, cfg.train.steps)

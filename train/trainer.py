@@ -216,7 +216,8 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
 
     def handle(step: int, metrics, now: float | None = None) -> None:
       nonlocal streak
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # Scalars as floats; per-layer entries (`layer/...`, e.g. each MoE layer's expert load) as lists.
+      m = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
       # Time spent in eval and checkpoint saves is not training time: tokens/s leaves it out.
       now = now if now is not None else time.time() - timing["paused"]
       if timing["t_first"] is None:

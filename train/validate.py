@@ -53,6 +53,37 @@ def validate_model(m) -> None:
   _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even for rotary embeddings")
   _require(m.attention_impl in IMPLEMENTATIONS, "model.attention_impl", m.attention_impl,
            f"choose one of {', '.join(IMPLEMENTATIONS)}")
+  if "moe" in m:
+    validate_moe(m)
+
+
+def validate_moe(m) -> None:
+  """Checks `model.moe` (families moe and moge)."""
+  from scalezoo.models.moe import ROUTINGS, SCORES
+  e = m.moe
+  for key in ("num_experts", "top_k", "groups", "topk_groups"):
+    _require(isinstance(e[key], int) and e[key] > 0, f"model.moe.{key}", e[key], "must be a positive integer")
+  for key in ("shared_experts", "expert_width"):
+    _require(isinstance(e[key], int) and e[key] >= 0, f"model.moe.{key}", e[key], "must be an integer >= 0")
+  _require(e.routing in ROUTINGS, "model.moe.routing", e.routing, f"choose one of {', '.join(ROUTINGS)}")
+  _require(e.score in SCORES, "model.moe.score", e.score, f"choose one of {', '.join(SCORES)}")
+  _require(e.top_k <= e.num_experts, "model.moe.top_k", e.top_k,
+           f"must be <= model.moe.num_experts={e.num_experts}")
+  _require(e.num_experts % e.groups == 0, "model.moe.num_experts", e.num_experts,
+           f"must be divisible by model.moe.groups={e.groups} (groups are contiguous blocks of experts)")
+  if m.family == "moge" or e.routing == "moge":
+    _require(e.top_k % e.groups == 0, "model.moe.top_k", e.top_k,
+             f"must be divisible by model.moe.groups={e.groups}: MoGE takes top_k / groups experts per group")
+  _require(e.topk_groups <= e.groups, "model.moe.topk_groups", e.topk_groups,
+           f"must be <= model.moe.groups={e.groups}")
+  if e.routing == "group_limited" and m.family != "moge":
+    eligible = e.topk_groups * (e.num_experts // e.groups)
+    _require(e.top_k <= eligible, "model.moe.top_k", e.top_k,
+             f"must be <= the {eligible} experts of model.moe.topk_groups={e.topk_groups} groups of "
+             f"{e.num_experts // e.groups}; raise topk_groups or lower top_k")
+  _require(e.capacity_factor >= 0, "model.moe.capacity_factor", e.capacity_factor, "must be >= 0 (0: dropless)")
+  for key in ("balance_coef", "z_coef", "bias_rate"):
+    _require(e[key] >= 0, f"model.moe.{key}", e[key], "must be >= 0")
 
 
 def validate_platform(cfg, platform: str) -> None:
