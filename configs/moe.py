@@ -39,7 +39,8 @@ def moe_config(size: str, family: str) -> ml_collections.ConfigDict:
       balance_coef=1e-2, z_coef=1e-3,  # Switch balance loss over the global batch, ST-MoE router z-loss
       routing="moge" if family == "moge" else "topk",  # topk | moge | group_limited
       score="softmax", renormalize=family != "moge", router_scale=False, route_scale=1.0,
-      bias_balancing=False, bias_rate=1e-3))  # aux-loss-free balancing (DeepSeek-V3): bias moves by rate
+      bias_balancing=False, bias_rate=1e-3,  # aux-loss-free balancing (DeepSeek-V3): the bias moves by rate
+      first_dense=0))  # the first N layers keep the dense FFN (DeepSeek-V3: 3 of 61)
   return m
 
 

@@ -9,6 +9,7 @@ random draws (layer i always initialises from key i), so they hold the same weig
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Callable, Sequence
 
@@ -94,18 +95,26 @@ class Decoder(nnx.Module):
   def __init__(self, *, vocab_size: int, width: int, depth: int,
                pattern: Sequence[tuple[MixerFactory, MixerFactory]], rngs: nnx.Rngs, tie_embeddings: bool = True,
                scan_layers: bool = False, remat: str = "none", logit_scale: float = 1.0, compute_dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    """`logit_scale` multiplies the logits (muP's readout multiplier base_width / width; 1.0 leaves them as is)."""
-    period = len(pattern)
-    if depth % period:
-      raise ValueError(f"depth={depth} is not a multiple of the layer pattern's period {period}")
+               param_dtype=jnp.float32, prefix: Sequence[tuple[MixerFactory, MixerFactory]] = ()):
+    """`logit_scale` multiplies the logits (muP's readout multiplier base_width / width; 1.0 leaves them as is).
+
+    `prefix`: layers that come first, before the repeating pattern, always unrolled (an MoE model's first
+    dense layers); `depth` counts them, and layer i still initialises from key i.
+    """
+    period, n_prefix = len(pattern), len(prefix)
+    if n_prefix > depth or (depth - n_prefix) % period:
+      raise ValueError(f"depth={depth} minus {n_prefix} prefix layers is not a multiple of the layer pattern's "
+                       f"period {period}")
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
     self.depth, self.period, self.scan_layers, self.remat = depth, period, scan_layers, remat
     self.compute_dtype, self.logit_scale = compute_dtype, logit_scale
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
     self.embed = Embed(vocab_size, width, rngs=rngs, **kw)
-    keys = jax.random.split(rngs.params(), depth).reshape(depth // period, period)
+    all_keys = jax.random.split(rngs.params(), depth)
+    self.prefix = nnx.List([Period(width, [layer], all_keys[i:i + 1], param_dtype=param_dtype)
+                            for i, layer in enumerate(prefix)]) if prefix else None
+    keys = all_keys[n_prefix:].reshape((depth - n_prefix) // period, period)
     if scan_layers:
       make = functools.partial(Period, width, pattern, param_dtype=param_dtype)
       self.layers = nnx.vmap(make, in_axes=0, out_axes=0,
@@ -115,6 +124,20 @@ class Decoder(nnx.Module):
     self.final_norm = RMSNorm(width, param_dtype=param_dtype)
     self.head = None if tie_embeddings else Linear(
         width, vocab_size, in_axes=("embed",), out_axes=("vocab",), rngs=rngs, init=scaled_normal(width), **kw)
+
+  def _loop(self, periods, x_btd, positions_bt):
+    """Runs `periods` one after another: (x, aux summed, how many periods reported each aux key)."""
+    aux, per_layer, counts = {}, {}, collections.Counter()
+    for layer in periods:
+      graphdef, state = nnx.split(layer)
+      x_btd, a, updated = self._layer_fn(graphdef)(state, x_btd, positions_bt)
+      nnx.update(layer, updated)
+      counts.update(a.keys())
+      for k in [k for k in a if k.startswith("layer/")]:
+        per_layer.setdefault(k, []).append(a.pop(k))
+      aux = _merge_aux(aux, a)
+    aux.update({k: jnp.stack(v) for k, v in per_layer.items()})
+    return x_btd, aux, counts
 
   def _layer_fn(self, graphdef):
     fn = functools.partial(_apply, graphdef)
@@ -128,6 +151,9 @@ class Decoder(nnx.Module):
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x_btd = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    aux, counts = {}, collections.Counter()
+    if self.prefix is not None:
+      x_btd, aux, counts = self._loop(self.prefix, x_btd, positions_bt)
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
       layer_fn = self._layer_fn(graphdef)
@@ -138,21 +164,17 @@ class Decoder(nnx.Module):
 
       x_btd, (aux_l, updated) = jax.lax.scan(body, x_btd, state)
       nnx.update(self.layers, updated)
-      aux = {k: v if k.startswith("layer/") else jnp.sum(v) for k, v in aux_l.items()}
+      n_periods = (self.depth - (len(self.prefix) if self.prefix is not None else 0)) // self.period
+      body_aux = {k: v if k.startswith("layer/") else jnp.sum(v) for k, v in aux_l.items()}
+      body_counts = collections.Counter({k: n_periods for k in aux_l})
     else:
-      aux, per_layer = {}, {}
-      for layer in self.layers:
-        graphdef, state = nnx.split(layer)
-        x_btd, a, updated = self._layer_fn(graphdef)(state, x_btd, positions_bt)
-        nnx.update(layer, updated)
-        for k in [k for k in a if k.startswith("layer/")]:
-          per_layer.setdefault(k, []).append(a.pop(k))
-        aux = _merge_aux(aux, a)
-      aux.update({k: jnp.stack(v) for k, v in per_layer.items()})
+      x_btd, body_aux, body_counts = self._loop(self.layers, x_btd, positions_bt)
+    for k, v in body_aux.items():
+      aux[k] = jnp.concatenate([aux[k], v]) if k in aux and k.startswith("layer/") else _merge_aux(aux, {k: v})[k]
+    counts.update(body_counts)
     # `layer/` entries stay per period (stacked on a leading axis, logged as lists); `metric/` entries are
-    # averaged over layers; losses add up.
-    n_periods = self.depth // self.period
-    aux = {k: (v / n_periods if k.startswith("metric/") else v) for k, v in aux.items()}
+    # averaged over the periods that report them; losses add up.
+    aux = {k: (v / counts[k] if k.startswith("metric/") else v) for k, v in aux.items()}
     x_btd = self.final_norm(x_btd)
     logits_btv = self.embed.attend(x_btd) if self.head is None else self.head(x_btd)
     logits_btv = logits_btv.astype(jnp.float32)

@@ -215,6 +215,7 @@ def test_tiny_model_reaches_but_never_beats_the_entropy_rate(tmp_path):
   assert loss < h + 0.1, (loss, h)
 
 
+@pytest.mark.slow  # ~60 s; every piece (markov data, sweep, trainer, fit) has faster tests: `pytest -m slow`
 @pytest.mark.usefixtures("fast_compile")
 def test_sweep_fits_irreducible_loss_at_the_entropy_rate(tmp_path):
   """A tiny sweep (2 widths x 4 step budgets) on a chain of known entropy rate H: the Chinchilla fit's

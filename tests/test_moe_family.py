@@ -41,6 +41,7 @@ VARIANTS = {
     "capacity": dict(capacity_factor=1.25),
     "group_limited": dict(routing="group_limited", groups=2, topk_groups=1),
     "sigmoid": dict(score="sigmoid"),
+    "first_dense": dict(first_dense=1),  # layer 0 keeps the dense FFN, layer 1 is MoE
 }
 CASES = [(f, v) for f in FAMILIES for v in VARIANTS if not (f == "moge" and v == "group_limited")]
 
@@ -116,7 +117,8 @@ def test_param_counts_match_built_model(family, variant, scan_layers):
   # Active: all but the (num_experts - top_k) experts a token does not use, in every layer. One expert's share of
   # an expert-stacked weight is its size over the experts dim (scan: the layers dim stays, so layers are summed).
   expert_weights = [(v.shape, axes_of(v)) for _, v in params if "experts" in axes_of(v)]
-  assert len(expert_weights) == 3 * (1 if scan_layers else cfg.depth)  # w_gate, w_up, w_down per layer
+  # w_gate, w_up, w_down per MoE layer (the first_dense layers have none)
+  assert len(expert_weights) == 3 * (1 if scan_layers else cfg.depth - cfg.moe.first_dense)
   one_expert_all_layers = sum(math.prod(s) // s[a.index("experts")] for s, a in expert_weights)
   assert all(s[a.index("experts")] == cfg.moe.num_experts for s, a in expert_weights)
   unused = (cfg.moe.num_experts - cfg.moe.top_k) * one_expert_all_layers
@@ -150,7 +152,8 @@ def _formula_full_attention(cfg) -> float:
   return flops_per_token(cfg, T) + 6.0 * cfg.depth * T * cfg.heads * head_dim
 
 
-@pytest.mark.parametrize("family,variant", [("moe", "shared_expert"), ("moge", "router_scale")])
+@pytest.mark.parametrize("family,variant", [("moe", "shared_expert"), ("moge", "router_scale"),
+                                            ("moe", "first_dense")])
 def test_flops_per_token_matches_xla(family, variant):
   # The dropless path is not compared: XLA:CPU costs `ragged_dot` as if every sorted row went through every
   # expert (N x the routed matmuls; seen: 5.3x the formula on moe:tiny), whatever the group sizes are. The
@@ -175,7 +178,7 @@ def test_flops_per_token_matches_xla(family, variant):
   dense_cfg.ffn_width = expert_width(cfg) * (m.top_k + m.shared_experts)
   dense = _xla_train_flops_per_token(dense_cfg)
   assert 0.999 <= dense / _formula_full_attention(dense_cfg) <= 1.05
-  router = 6.0 * cfg.depth * cfg.width * m.num_experts
+  router = 6.0 * (cfg.depth - m.first_dense) * cfg.width * m.num_experts  # MoE layers only
   excess = (xla - dense) - (flops_per_token(cfg, T) - flops_per_token(dense_cfg, T))
   assert 0.0 <= excess <= 0.5 * router, (excess, router)
 
@@ -293,11 +296,11 @@ def test_causal_tokens(family, variant):
 # 5. scan_layers == loop
 
 
-@pytest.mark.parametrize("family,variant", [("moe", "default"), ("moge", "capacity")])
+@pytest.mark.parametrize("family,variant", [("moe", "default"), ("moge", "capacity"), ("moe", "first_dense")])
 def test_scan_equals_loop(family, variant):
   cfg, loop, loop_forward = loop_model(family, variant)
   scan = abstract_model(cfg, scan_layers=True)
-  stacked = _stack_loop_params({p: v[...] for p, v in flat_params(loop)}, cfg.depth)
+  stacked = _stack_loop_params({p: v[...] for p, v in flat_params(loop)}, cfg.depth - cfg.moe.first_dense)
   scan_params = dict(flat_params(scan))
   assert scan_params.keys() == stacked.keys()
   for path, var in scan_params.items():

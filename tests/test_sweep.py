@@ -103,7 +103,7 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
       "def get_config(arg=None):\n"
       "  c = ml_collections.ConfigDict()\n"
       "  c.base = 'dense:tiny'\n"
-      "  c.fixed = dict(train=dict(batch_size=8, seq_len=32, log_every=1, eval_batches=1, steps=40),\n"
+      "  c.fixed = dict(train=dict(batch_size=8, seq_len=32, log_every=1, eval_batches=1, steps=12),\n"
       "                 checkpoint=dict(every=2))\n"
       "  c.grid = dict(model=dict(depth=[1, 2]))\n"
       "  c.ladder = dict()\n"
@@ -111,8 +111,10 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
       "  return c\n")
   workdir = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "scalezoo.train.cli", "sweep", "--config", str(sweep_file), "--workdir", str(workdir)]
+  # A compilation cache shared by both invocations: the re-run reuses the first process's programs.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   second = workdir / "runs" / "depth2"
   deadline = time.monotonic() + 240
@@ -136,10 +138,10 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
   assert (first / "summary.json").read_bytes() == first_summary
   assert os.stat(first / "summary.json").st_mtime_ns == first_mtime
   table = _results(workdir / "results.csv")
-  assert [(r["name"], r["status"], r["steps"]) for r in table] == [("depth1", "completed", "40"),
-                                                                   ("depth2", "completed", "40")]
+  assert [(r["name"], r["status"], r["steps"]) for r in table] == [("depth1", "completed", "12"),
+                                                                   ("depth2", "completed", "12")]
   steps = [json.loads(line)["step"] for line in open(second / "metrics.jsonl")]
-  assert steps == list(range(1, 41))
+  assert steps == list(range(1, 13))
 
 
 def test_fixed_overrides_reach_every_run_even_keys_the_sweep_does_not_fix():

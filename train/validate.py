@@ -63,6 +63,8 @@ def validate_moe(m) -> None:
   e = m.moe
   for key in ("num_experts", "top_k", "groups", "topk_groups"):
     _require(isinstance(e[key], int) and e[key] > 0, f"model.moe.{key}", e[key], "must be a positive integer")
+  _require(isinstance(e.first_dense, int) and 0 <= e.first_dense <= m.depth, "model.moe.first_dense",
+           e.first_dense, f"must lie in [0, model.depth={m.depth}] (leading layers with a dense FFN)")
   for key in ("shared_experts", "expert_width"):
     _require(isinstance(e[key], int) and e[key] >= 0, f"model.moe.{key}", e[key], "must be an integer >= 0")
   _require(e.routing in ROUTINGS, "model.moe.routing", e.routing, f"choose one of {', '.join(ROUTINGS)}")
