@@ -19,7 +19,6 @@ from typing import Callable
 from flax import nnx
 
 from scalezoo.models.decoder import Decoder
-from scalezoo.models import moe
 from scalezoo.models.moe import MoE
 from scalezoo.models.registry import (DENSE_KEYS, Family, attention_factory, attention_flops_per_token,
                                       attention_matmul_params, embedding_params, head_dim, mlp_factory,
@@ -28,7 +27,6 @@ from scalezoo.models.registry import (DENSE_KEYS, Family, attention_factory, att
 MOE_KEYS = frozenset({"num_experts", "top_k", "groups", "topk_groups", "shared_experts", "expert_width",
                       "capacity_factor", "balance_coef", "z_coef", "routing", "score", "renormalize",
                       "router_scale", "route_scale", "bias_balancing", "bias_rate", "first_dense"})
-ROUTINGS = moe.ROUTINGS
 
 
 def expert_width(cfg) -> int:
