@@ -129,8 +129,8 @@ def _say(msg: str, quiet: bool) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_processes(devices) -> tuple[int, int]:
-  """(this process's rank among the processes owning `devices`, how many there are).
+def run_processes(devices) -> tuple[int, list[int]]:
+  """(this process's rank among the processes owning `devices`, those processes in order).
 
   A run on the whole job spans every process; a packed sweep run on one host's devices spans just that one,
   which then feeds the whole batch and writes the run's files itself.
@@ -138,7 +138,7 @@ def run_processes(devices) -> tuple[int, int]:
   procs = sorted({d.process_index for d in devices})
   if jax.process_index() not in procs:
     raise ValueError(f"process {jax.process_index()} owns none of the run's devices (processes {procs})")
-  return procs.index(jax.process_index()), len(procs)
+  return procs.index(jax.process_index()), procs
 
 
 def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
@@ -153,7 +153,8 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
   validate(cfg, len(devices))
   validate_platform(cfg, devices[0].platform)
   t = cfg.train
-  rank, n_proc = run_processes(devices)
+  rank, procs = run_processes(devices)
+  n_proc = len(procs)
   if t.batch_size % n_proc:
     raise ConfigError(f"config key train.batch_size={t.batch_size}: must be a multiple of the {n_proc} processes")
   train_iter = data_lib.make_train_iterator(cfg.data, batch_size=t.batch_size // n_proc, seq_len=t.seq_len,
@@ -180,8 +181,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
 
   wall0 = time.time()
   with jax.set_mesh(mesh), preemption_guard() as preemption:
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-                        processes=sorted({d.process_index for d in devices}))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, processes=procs)
     restored = ckpt.restore_latest(program.abstract_state())
     if restored is None:
       start, state = 0, program.init()
