@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
       # source="markov": a random chain of known entropy rate (scalezoo.train.data.markov_entropy_rate) over
       # markov_vocab (<= 256) symbols, each with markov_branching Dirichlet(markov_alpha) next symbols.
       markov_vocab=64, markov_branching=4, markov_alpha=1.0, markov_seed=0, markov_tokens=2_000_000,
+      # source="mqar": multi-query associative recall (scalezoo.train.mqar): mqar_pairs key-value pairs, then
+      # queries, in each sequence of seq_len + 1 tokens; keys are ids [1, mqar_vocab/2), values [mqar_vocab/2,
+      # mqar_vocab) (<= model.vocab_size); mqar_sequences train sequences, eval_fraction of that many for eval.
+      mqar_pairs=8, mqar_vocab=64, mqar_seed=0, mqar_sequences=20_000,
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1, expert=1,

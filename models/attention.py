@@ -2,6 +2,10 @@
 
 The kernel is `jax.nn.dot_product_attention`: `implementation="xla"` everywhere, `"cudnn"` for the fused
 flash kernel on NVIDIA GPUs (bf16/fp16 only), `"auto"` lets JAX pick.
+
+Decoding: `init_cache(batch, max_len)` gives a zero KV cache of `max_len` slots and `step(x, positions, cache)` writes
+the new tokens' keys and values at their positions and attends over the cache, for a prefill of many tokens or one
+token at a time. Rows of a batch share positions (one cache index for the whole batch).
 """
 
 from __future__ import annotations
@@ -43,10 +47,7 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
-    b, t, _ = x_btd.shape
-    if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q_btnh = constrain(self.q(x_btd), ("batch", "seq", "heads", "head_dim"))
     k_btkh = constrain(self.k(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
     v_btkh = constrain(self.v(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
@@ -54,8 +55,35 @@ class Attention(nnx.Module):
       q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
     q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
     k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
+    return q_btnh, k_btkh, v_btkh
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    b, t, _ = x_btd.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q_btnh, k_btkh, v_btkh = self._qkv(x_btd, positions_bt)
     impl = None if self.implementation == "auto" else self.implementation
     out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, implementation=impl,
                                              scale=self.attn_scale)
     out_btnh = constrain(out_btnh, ("batch", "seq", "heads", "head_dim"))
     return self.o(out_btnh)
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """A zero KV cache of `max_len` positions: {"k", "v"} [B, S, K, H] in the compute dtype."""
+    shape = (batch, max_len, self.kv_heads, self.head_dim)
+    dtype = self.q.compute_dtype
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def step(self, x_btd: jax.Array, positions_bt: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Decoding: writes the keys/values of `x` at `positions` (consecutive, equal across rows) into the cache,
+    then attends over every cached position <= each query's position; returns (y, updated cache)."""
+    q_btnh, k_btkh, v_btkh = self._qkv(x_btd, positions_bt)
+    start = positions_bt[0, 0]
+    k_bskh = jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype), (0, start, 0, 0))
+    v_bskh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype), (0, start, 0, 0))
+    key_pos_s = jnp.arange(k_bskh.shape[1], dtype=positions_bt.dtype)
+    mask_b1ts = (key_pos_s[None, None, :] <= positions_bt[:, :, None])[:, None]
+    # The plain XLA kernel: a boolean mask over a fixed-size cache, which the fused kernels do not take.
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation="xla",
+                                             scale=self.attn_scale)
+    return self.o(out_btnh), dict(k=k_bskh, v=v_bskh)

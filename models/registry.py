@@ -32,6 +32,7 @@ class Family:
   param_counts: Callable[[Any], dict]
   flops_per_token: Callable[..., float]
   keys: frozenset = frozenset()  # the model.* keys the family reads; others are rejected as typos
+  describe: Callable[[Any], dict] | None = None  # extra summary.json fields (a hybrid's effective ratio)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -68,6 +69,12 @@ def build(cfg, *, rngs: nnx.Rngs, compute_dtype: str = "float32", param_dtype: s
 def param_counts(cfg) -> dict:
   """{total, active, embedding, non_embedding} parameter counts of `cfg` without building it."""
   return family_of(cfg).param_counts(cfg)
+
+
+def describe(cfg) -> dict:
+  """Family-specific facts about `cfg` for summary.json (e.g. where a hybrid's attention layers are); {} if none."""
+  family = family_of(cfg)
+  return family.describe(cfg) if family.describe is not None else {}
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

@@ -86,6 +86,10 @@ def test_every_family_same_loss_under_every_preset(family):
     # The same parameter tree and layouts as moe (routing differs only in global math before dispatch), so
     # moe's dp/fsdp/fsdp_tp runs cover it; ep is where moge's routing meets the expert-parallel dispatch.
     presets = dict(ep=dict(expert=2))
+  if family == "hybrid":
+    # Gated DeltaNet 3:1: fsdp_tp shards the batch and weights over fsdp and the linear heads over tensor, the
+    # layouts dp and fsdp alone only subset.
+    presets = dict(fsdp_tp=dict(tensor=2))
   for preset, extra in presets.items():
     c = copy.deepcopy(cfg)
     c.mesh.update(dict(preset=preset, **extra))
@@ -212,7 +216,10 @@ def test_two_processes_train_like_one(tmp_path):
   # Each process is one DCN granule: dcn_data=2 lays data across the processes, fsdp=4 within each (the
   # hybrid mesh of multi-slice jobs), the same data=2,fsdp=4 shape the one-process run uses.
   two_flags = ["--config.mesh.dcn_data=2", "--config.mesh.fsdp=-1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  # The same XLA flags as this process (compiler emitters included), but 4 devices per process.
+  xla_flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8",
+                                              "--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_DISABLE_MOST_OPTIMIZATIONS="true")
   multi = tmp_path / "two"
@@ -249,8 +256,10 @@ def test_two_processes_train_like_one(tmp_path):
         step, state, data_state = ckpt.restore_latest(program.abstract_state())
     assert step == 3
     states.append(host(state["params"]))
+  # Adam divides by sqrt(v): a float-order difference in a near-zero gradient moves its update by up to ~1e-7
+  # (seen: one of 24576 entries at 1.2e-7), against lr-sized (3e-3) updates.
   for a, b in zip(*states, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bucket_url_workdir_is_one_line(capsys):

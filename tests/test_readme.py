@@ -29,3 +29,12 @@ def test_user_layer_snippet_runs_and_is_causal():
   np.testing.assert_array_equal(np.asarray(y[:, :8]), np.asarray(y2[:, :8]))
   assert not np.allclose(np.asarray(y[:, 8:]), np.asarray(y2[:, 8:]))
   assert jnp.isfinite(y).all()
+
+
+def test_user_linear_layer_snippet_decodes_like_the_training_form():
+  scope: dict = {}
+  exec(compile(_snippet("user-linear-layer"), "README.md", "exec"), scope)
+  y, y_first, y_next = scope["y"], scope["y_first"], scope["y_next"]
+  np.testing.assert_allclose(np.asarray(y_first), np.asarray(y[:, :10]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(y_next), np.asarray(y[:, 10:11]), atol=1e-5)
+  assert scope["cache"]["state"].shape == (2, 4, 16, 32)

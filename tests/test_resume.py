@@ -56,7 +56,7 @@ def cli(tmp_path_factory, token_file) -> dict:
   """How every run is started: the environment (one CPU device, a compilation cache shared by this module's
   runs) and the command-line flags after `--workdir`."""
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
              JAX_DISABLE_MOST_OPTIMIZATIONS="true")

@@ -112,7 +112,8 @@ def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
   workdir = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "scalezoo.train.cli", "sweep", "--config", str(sweep_file), "--workdir", str(workdir)]
   # A compilation cache shared by both invocations: the re-run reuses the first process's programs.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
              JAX_DISABLE_MOST_OPTIMIZATIONS="true", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""`scalezoo` command line: train, sweep, fit, plot, bench, quickstart.
+"""`scalezoo` command line: train, sweep, fit, plot, bench, seqbench, generate, quickstart.
 
 Bad input (a config key, a value, a missing file, a mesh that does not fit) prints one line
 `scalezoo: error: ...` and exits with code 2 before anything is written or compiled.
@@ -66,6 +66,28 @@ def cmd_bench(args, overrides) -> int:
   rows = bench(cfg, args.meshes, steps=args.steps, preset=args.preset, batch_auto=args.batch == "auto",
                max_batch=args.max_batch, memory_limit=args.memory_limit, workdir=args.workdir)
   return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_seqbench(args, overrides) -> int:
+  from scalezoo.train.seqbench import seqbench
+  try:
+    lengths = [int(x) for x in args.seq_lens.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"--seq_lens {args.seq_lens!r}: give comma-separated integers, e.g. 1024,2048,4096") from None
+  cfgs = [(spec, load_config(spec, overrides)) for spec in args.config]
+  rows = seqbench(cfgs, lengths, batch=args.batch, steps=args.steps, decode_tokens=args.decode_tokens,
+                  workdir=args.workdir)
+  return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_generate(args, overrides) -> int:
+  from scalezoo.train.generate import generate_text
+  if overrides:
+    raise ConfigError("generate takes no --config overrides: the run's config.json defines the model")
+  text = generate_text(args.workdir, args.prompt, num_tokens=args.tokens, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed)
+  print(args.prompt + text)
+  return 0
 
 
 def cmd_sweep(args, overrides) -> int:
@@ -225,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--workdir", default="", help="if set, writes bench.csv and bench.json there")
   _add_multiprocess_flags(b)
   b.set_defaults(fn=cmd_bench)
+  sb = sub.add_parser("seqbench", help="training tokens/s and decode ms/token vs sequence length, configs side by "
+                                       "side", epilog="--config.KEY=VALUE overrides apply to every config.")
+  sb.add_argument("--config", action="append", required=True,
+                  help="repeat for each config; the first is the reference of the ratios")
+  sb.add_argument("--seq_lens", "--seq-lens", dest="seq_lens", default="1024,2048,4096,8192,16384")
+  sb.add_argument("--batch", type=int, default=1, help="sequences per training step and per decode step")
+  sb.add_argument("--steps", type=int, default=3, help="timed training steps (after 2 warm-up steps)")
+  sb.add_argument("--decode_tokens", "--decode-tokens", dest="decode_tokens", type=int, default=16,
+                  help="timed one-token decode steps after the prefill")
+  sb.add_argument("--workdir", default="", help="if set, writes seqbench.csv and seqbench.json there")
+  sb.set_defaults(fn=cmd_seqbench)
+  g = sub.add_parser("generate", help="continue a prompt with a trained run (KV cache / recurrent state decoding)")
+  g.add_argument("--workdir", required=True, help="a run directory written by scalezoo train")
+  g.add_argument("--prompt", default="", help="text to continue (byte tokens)")
+  g.add_argument("--tokens", type=int, default=128, help="how many tokens to generate")
+  g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+  g.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0, help="sample among the k likeliest (0: all)")
+  g.add_argument("--seed", type=int, default=0)
+  g.set_defaults(fn=cmd_generate)
   q = sub.add_parser("quickstart", help="the README's main job on the embedded stdlib data")
   q.add_argument("--workdir", required=True)
   q.add_argument("--quiet", action="store_true")

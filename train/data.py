@@ -7,6 +7,8 @@ A source yields one flat 1-D token stream per split ("train" or "eval"):
 - `tokens`: a `.npy` or raw binary file of token ids (`data.dtype`), memory-mapped.
 - `markov`: a synthetic stationary first-order Markov chain of known entropy rate (`markov_entropy_rate`), so a
   fitted irreducible loss can be checked; train and eval are two samples of the same chain.
+- `mqar`: synthetic multi-query associative recall (`scalezoo.train.mqar`) in sequences of exactly seq_len + 1
+  tokens (one per window), so loading it needs seq_len; `recall_mask` marks the answers the eval scores.
 
 Documents (files) are joined with `eos` between them; text/stdlib files go to eval by a hash of their
 path relative to the corpus root, so the split is stable across machines, runs and added files.
@@ -28,8 +30,9 @@ import grain
 import numpy as np
 
 from scalezoo.configs import ConfigError
+from scalezoo.train import mqar
 
-SOURCES = ("stdlib", "text", "tokens", "markov")
+SOURCES = ("stdlib", "text", "tokens", "markov", "mqar")
 TOKENIZERS = ("byte",)
 SPLITS = ("train", "eval")
 
@@ -70,6 +73,8 @@ def _check(data_cfg) -> tuple[str, str, float]:
   path = _get(data_cfg, "path", "") or ""
   if source == "markov":
     markov_chain(data_cfg)  # cached; also rejects a nearly reducible draw before anything runs
+  elif source == "mqar":
+    mqar.mqar_params(data_cfg)
   elif source != "stdlib" and not path:
     what = "a glob of text files" if source == "text" else "a .npy or raw binary token file"
     raise ConfigError(f"data.path is empty but data.source={source!r} needs it; set data.path to {what}")
@@ -382,17 +387,20 @@ def _load_splits(source: str, path: str, eval_fraction: float, dtype: str) -> tu
   return train, eval_
 
 
-def load_tokens(data_cfg, split: str) -> np.ndarray:
+def load_tokens(data_cfg, split: str, seq_len: int | None = None) -> np.ndarray:
   """Returns the 1-D token stream of `split` ("train" or "eval"): int32, or a read-only memmap for `tokens`.
 
   stdlib/text: each file's bytes followed by eos, files sorted by relative path, eval files chosen by
   `in_eval_split`. tokens: eval is the last `eval_fraction` of the stream, train the rest. markov:
   `data.markov_tokens` train tokens and int(markov_tokens * eval_fraction) eval tokens, independent samples of
-  one chain (see `sample_markov`).
+  one chain (see `sample_markov`). mqar: the split's sequences of `seq_len + 1` tokens back to back (see
+  `scalezoo.train.mqar`); the layout depends on it, so mqar needs `seq_len` and the other sources ignore it.
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r} must be one of {SPLITS}")
   source, path, fraction = _check(data_cfg)
+  if source == "mqar":
+    return mqar.sequences(data_cfg, split, seq_len, fraction).reshape(-1)
   if source == "markov":
     train, eval_ = _markov_splits(*_markov_params(data_cfg), fraction)
     return train if split == "train" else eval_
@@ -405,7 +413,10 @@ def _num_windows(data_cfg, tokens: np.ndarray, split: str, seq_len: int, needed:
   n = len(tokens) // (seq_len + 1)
   if n < needed:
     source = _get(data_cfg, "source", "stdlib")
-    if source == "markov":
+    if source == "mqar":  # a window is one sequence whatever seq_len is: only more sequences help
+      where = f"data.source='mqar' (data.mqar_sequences={_get(data_cfg, 'mqar_sequences', None)!r})"
+      fix = "raise data.mqar_sequences" + (", data.eval_fraction or lower train.batch_size" if split == "eval" else "")
+    elif source == "markov":
       where = f"data.source='markov' (data.markov_tokens={_get(data_cfg, 'markov_tokens', None)!r})"
     elif source == "stdlib":
       where = "data.source='stdlib'"
@@ -446,7 +457,7 @@ def make_train_iterator(data_cfg, *, batch_size: int, seq_len: int, seed: int, n
     raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} and num_steps={num_steps} must be positive")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  tokens = load_tokens(data_cfg, "train")
+  tokens = load_tokens(data_cfg, "train", seq_len)
   n = _num_windows(data_cfg, tokens, "train", seq_len, process_count,
                    "use a larger corpus or a smaller train.seq_len")
   # Each process gets the same number of windows per epoch (the last n % P positions of each permutation are
@@ -476,13 +487,18 @@ def eval_batches(data_cfg, *, batch_size: int, seq_len: int, num_batches: int) -
   """
   if batch_size < 1 or seq_len < 1 or num_batches < 1:
     raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} and num_batches={num_batches} must be positive")
-  tokens = load_tokens(data_cfg, "eval")
+  tokens = load_tokens(data_cfg, "eval", seq_len)
   n = _num_windows(data_cfg, tokens, "eval", seq_len, batch_size,
                    "raise data.eval_fraction, use a larger corpus or lower train.seq_len or the eval batch size")
   width, count = seq_len + 1, min(num_batches, n // batch_size)
   size = batch_size * width
   return [np.asarray(tokens[j * size:(j + 1) * size], dtype=np.int32).reshape(batch_size, width)
           for j in range(count)]
+
+
+def recall_mask(data_cfg, seq_len: int) -> np.ndarray | None:
+  """bool [seq_len] over a window's targets: where recall accuracy is scored (mqar's answers); None if no task."""
+  return mqar.answer_mask(data_cfg, seq_len) if _get(data_cfg, "source", "stdlib") == "mqar" else None
 
 
 def bytes_per_token(data_cfg) -> float:

@@ -7,6 +7,7 @@ to the completed runs' eval losses (nats/token) against total parameters N and t
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 
@@ -113,11 +114,76 @@ def fit_sweep(rows: list[dict], bootstrap: int = 0) -> dict | None:
   return laws.fit_chinchilla(n, d, loss, bootstrap=bootstrap)
 
 
+def _sweep_report_kind(sweep_dir: str) -> str:
+  """The sweep config's `report` key from sweep.json: "recall" for a recall-vs-ratio study, else "" (scaling)."""
+  try:
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+      return str(json.load(f).get("report", "") or "")
+  except (OSError, ValueError):
+    return ""
+
+
+def recall_points(sweep_dir: str, rows: list[dict]) -> list[dict]:
+  """Per completed run: name, mixer, attention fraction, effective ratio and eval recall (from summary.json)."""
+  out = []
+  for r in rows:
+    with open(os.path.join(sweep_dir, "runs", r["name"], "summary.json")) as f:
+      s = json.load(f)
+    if "eval_recall" not in s or "attention_fraction" not in s:
+      continue
+    out.append(dict(name=r["name"], mixer=s.get("mixer", ""), attention_fraction=s["attention_fraction"],
+                    ratio=s.get("hybrid_ratio_effective"), recall=s["eval_recall"], eval_loss=r["eval_loss"]))
+  return sorted(out, key=lambda p: p["attention_fraction"])
+
+
+def plot_recall(sweep_dir: str, points: list[dict]) -> str:
+  """MQAR recall against the fraction of softmax-attention layers, one point per run, labelled by its ratio."""
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  ax.plot([p["attention_fraction"] for p in points], [p["recall"] for p in points], "o-", ms=6)
+  for p in points:
+    label = "pure" if p["ratio"] is None else ("all attn" if p["ratio"] == 0 else f"{p['ratio']:.3g}:1")
+    ax.annotate(label, (p["attention_fraction"], p["recall"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+  ax.set_xlabel("fraction of softmax-attention layers")
+  ax.set_ylabel("MQAR recall (eval)")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(sweep_dir, "recall_vs_ratio.png")
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def _write_recall_report(sweep_dir: str, rows: list[dict]) -> dict:
+  points = recall_points(sweep_dir, rows)
+  if not points:
+    raise ValueError(f"{sweep_dir}: no completed run reports eval_recall (train on data.source=mqar)")
+  written = {"loss_curves": plot_loss_curves(sweep_dir, rows), "recall": plot_recall(sweep_dir, points)}
+  lines = [f"# Recall report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
+           "MQAR recall (fraction of queried values predicted) on the eval split, by hybrid ratio.", "",
+           "| run | mixer | linear:attention | attention fraction | recall | eval loss |", "|---|---|---|---|---|---|"]
+  for p in points:
+    ratio = "pure linear" if p["ratio"] is None else f"{p['ratio']:.3g}:1"
+    lines.append(f"| {p['name']} | {p['mixer']} | {ratio} | {p['attention_fraction']:.3f} | {p['recall']:.3f} | "
+                 f"{p['eval_loss']:.4f} |")
+  lines += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in written.items()]
+  out = os.path.join(sweep_dir, "report.md")
+  with open(out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  written["report"] = out
+  return written
+
+
 def write_report(sweep_dir: str, *, bootstrap: int = 50) -> dict:
-  """Fits, plots and writes report.md and fit.json in `sweep_dir`; returns {name: path} of what it wrote."""
+  """Fits, plots and writes report.md and fit.json in `sweep_dir`; returns {name: path} of what it wrote.
+
+  A sweep whose config sets `report = "recall"` gets the recall-vs-ratio plot and table instead of a law fit.
+  """
   rows = read_results(sweep_dir)
   if not rows:
     raise ValueError(f"{sweep_dir}/results.csv has no completed runs to report on")
+  if _sweep_report_kind(sweep_dir) == "recall":
+    return _write_recall_report(sweep_dir, rows)
   fit = fit_sweep(rows, bootstrap=bootstrap)
   written = {"loss_curves": plot_loss_curves(sweep_dir, rows), "loss_vs_compute": plot_loss_vs_compute(
       sweep_dir, rows, fit)}

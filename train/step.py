@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from scalezoo import models
 from scalezoo.models.layers import axis_rules
+from scalezoo.train import data as data_lib
 from scalezoo.train import sharding
 from scalezoo.train.optim import make_optimizer
 
@@ -49,6 +50,16 @@ def after_step(graphdef, params, rest):
     if hasattr(module, "after_step"):
       module.after_step()
   return nnx.state(model, nnx.Not(nnx.Param))
+
+
+def recall_counts(logits_btv, targets_bt, mask_t):
+  """(correct, answers) as int32 scalars: targets where `mask_t` [T] is set, and those whose argmax is right.
+
+  Recall accuracy is correct / answers summed over batches; the model's loss on the other targets plays no part.
+  """
+  mask_bt = jnp.broadcast_to(jnp.asarray(mask_t, bool), targets_bt.shape)
+  hit_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt) & mask_bt
+  return hit_bt.sum(dtype=jnp.int32), mask_bt.sum(dtype=jnp.int32)
 
 
 @dataclasses.dataclass
@@ -155,10 +166,22 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))
     return new_state, metrics
 
+  # A source with a recall task (mqar) also counts correct answers; every other source keeps the plain
+  # eval program (same HLO, so the same compile-cache entry and the same numbers as before recall existed).
+  recall_mask_t = data_lib.recall_mask(cfg.data, cfg.train.seq_len)
+
   def eval_step(state, batch_bt):
+    if recall_mask_t is None:
+      with axis_rules(to_spec):
+        _, (aux, _) = loss_fn(graphdef, state["params"], state["rest"], batch_bt)
+      return aux["ce"]
     with axis_rules(to_spec):
-      _, (aux, _) = loss_fn(graphdef, state["params"], state["rest"], batch_bt)
-    return aux["ce"]
+      # One forward pass for both numbers: loss_fn does not return the logits the counts need.
+      logits_btv, _ = nnx.merge(graphdef, state["params"], state["rest"], copy=True)(batch_bt[:, :-1])
+    targets_bt = batch_bt[:, 1:]
+    correct, answers = recall_counts(logits_btv, targets_bt, recall_mask_t)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt).mean()
+    return dict(ce=ce, recall_correct=correct, recall_answers=answers)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return TrainProgram(

@@ -46,8 +46,8 @@ from scalezoo.train.metrics import read_summary
 from scalezoo.train.validate import validate
 
 RESULT_FIELDS = ("name", "status", "params", "active_params", "non_embedding_params", "flops_per_token",
-                 "tokens", "compute", "steps", "loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu", "wall_s",
-                 "error")
+                 "tokens", "compute", "steps", "loss", "eval_loss", "eval_bpb", "eval_recall", "tokens_per_s", "mfu",
+                 "wall_s", "error")
 
 
 def _set(cfg, key: str, value) -> None:
@@ -152,8 +152,8 @@ def _row(name: str, summary: dict | None, error: str = "") -> dict:
                non_embedding_params=summary["params_non_embedding"], flops_per_token=summary["flops_per_token"],
                tokens=summary["tokens"], compute=summary["flops_per_token"] * summary["tokens"],
                steps=summary["steps"], loss=summary["loss"], eval_loss=summary["eval_loss"],
-               eval_bpb=summary["eval_bpb"], tokens_per_s=summary["tokens_per_s"], mfu=summary["mfu"],
-               wall_s=summary["wall_s"])
+               eval_bpb=summary["eval_bpb"], eval_recall=summary.get("eval_recall", ""),  # mqar runs only
+               tokens_per_s=summary["tokens_per_s"], mfu=summary["mfu"], wall_s=summary["wall_s"])
   return row
 
 

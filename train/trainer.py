@@ -163,6 +163,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
   eval_data = data_lib.eval_batches(cfg.data, batch_size=t.batch_size, seq_len=t.seq_len,
                                     num_batches=t.eval_batches)
   bytes_per_token = data_lib.bytes_per_token(cfg.data)
+  has_recall = data_lib.recall_mask(cfg.data, t.seq_len) is not None
   is_main = rank == 0
   mesh = make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh):
@@ -198,10 +199,14 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
     progress = Progress(t.steps, start) if (is_main and not quiet) else None
 
     def evaluate(st) -> dict:
-      losses = [float(program.eval_step(st, jax.make_array_from_process_local_data(
+      outs = [jax.device_get(program.eval_step(st, jax.make_array_from_process_local_data(
           program.batch_sharding, b[rank::n_proc] if n_proc > 1 else b))) for b in eval_data]
-      loss = float(np.mean(losses))
-      return dict(eval_loss=loss, eval_bpb=loss / math.log(2) / bytes_per_token)
+      # With a recall task (mqar) the eval step returns a dict of the loss and the answer counts.
+      loss = float(np.mean([float(o["ce"] if has_recall else o) for o in outs]))
+      row = dict(eval_loss=loss, eval_bpb=loss / math.log(2) / bytes_per_token)
+      if has_recall:  # pooled over every eval batch: correct answers over all answers
+        row["eval_recall"] = sum(int(o["recall_correct"]) for o in outs) / sum(int(o["recall_answers"]) for o in outs)
+      return row
 
     evals: dict[int, dict] = {}
     recent = collections.deque(maxlen=1)
@@ -286,6 +291,12 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
       tokens_per_s=tokens_per_s, mfu=mfu(tokens_per_s, flops_per_token, len(devices), peak),
       peak_flops_per_device=peak, devices=len(devices), device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape), wall_s=time.time() - wall0, status=status)
+  # Family facts (a hybrid's attention layers and effective ratio); {} for most families.
+  summary.update(models.describe(cfg.model))
+  if has_recall:
+    # Only sources with a recall task get the key (NaN when there was no final eval), so other summaries are
+    # unchanged.
+    summary["eval_recall"] = final_eval.get("eval_recall", float("nan"))
   if is_main:
     write_json(os.path.join(workdir, "summary.json"), summary)
   if status == "nonfinite":

@@ -12,6 +12,7 @@ from scalezoo.models.attention import IMPLEMENTATIONS
 from scalezoo.models.decoder import REMAT_POLICIES
 from scalezoo.models.registry import DTYPES, FAMILIES
 from scalezoo.train import data as data_lib
+from scalezoo.train import mqar
 from scalezoo.train import sharding
 from scalezoo.train.optim import SCHEDULES
 
@@ -55,6 +56,12 @@ def validate_model(m) -> None:
            f"choose one of {', '.join(IMPLEMENTATIONS)}")
   if "moe" in m:
     validate_moe(m)
+  if m.family == "hybrid":
+    from scalezoo.models.hybrid import check_config
+    try:
+      check_config(m)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def validate_moe(m) -> None:
@@ -161,6 +168,10 @@ def validate(cfg, n_devices: int) -> None:
              "no such file; point it at a .npy or raw binary file of token ids")
   if d.source == "markov":
     data_lib.markov_chain(d)  # the markov keys, and a draw that is not nearly reducible (cached, milliseconds)
+  if d.source == "mqar":
+    mqar.num_queries(mqar.mqar_params(d).pairs, t.seq_len)  # the mqar keys, and pairs that fit train.seq_len
+    _require(d.mqar_vocab <= cfg.model.vocab_size, "data.mqar_vocab", d.mqar_vocab,
+             f"must be <= model.vocab_size={cfg.model.vocab_size} (task ids are token ids); lower data.mqar_vocab")
   _require(cfg.model.vocab_size >= BYTE_VOCAB, "model.vocab_size", cfg.model.vocab_size,
            f"must be >= {BYTE_VOCAB} for the byte tokenizer")
 
