@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
       rules="",  # overrides of the logical-axis rules table, e.g. "embed=;mlp=tensor,fsdp"
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3))
+  # A run directory whose newest checkpoint initialises the parameters (train/init_from.py: TokenFormer growth);
+  # in a sweep, "run:NAME" names another run of the sweep.
+  c.init_from = ""
   c.overwrite = False  # True lets a run replace a run directory that holds a different config
   return c
 

@@ -8,7 +8,7 @@ from scalezoo.models.attention import Attention
 from scalezoo.models.decoder import Block, Decoder
 from scalezoo.models.layers import Embed, Linear, RMSNorm, SwiGLU, axis_rules, constrain, rope
 from scalezoo.models.registry import FAMILIES, build, describe, flops_per_token, param_counts
-from scalezoo.models import hybrid, moe_families  # noqa: F401  (register the hybrid, moe and moge families)
+from scalezoo.models import hybrid, moe_families, tokenformer  # noqa: F401  (register hybrid, moe, moge, tokenformer)
 
 __all__ = ["Attention", "Block", "Decoder", "Embed", "Linear", "RMSNorm", "SwiGLU", "axis_rules", "constrain",
            "rope", "FAMILIES", "build", "describe", "flops_per_token", "param_counts"]

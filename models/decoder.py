@@ -43,13 +43,17 @@ def _merge_aux(total: dict, aux: dict) -> dict:
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + channel(norm(x))."""
+  """Pre-norm residual block: x + mixer(norm(x)), then x + channel(norm(x)).
+
+  `make_norm(width)` builds the two norms (default RMSNorm with a gain; TokenFormer: LayerNorm without one).
+  """
 
   def __init__(self, width: int, make_mixer: MixerFactory, make_channel: MixerFactory, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
-    self.mixer_norm = RMSNorm(width, param_dtype=param_dtype)
+               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None):
+    make_norm = make_norm or (lambda w: RMSNorm(w, param_dtype=param_dtype))
+    self.mixer_norm = make_norm(width)
     self.mixer = make_mixer(rngs)
-    self.channel_norm = RMSNorm(width, param_dtype=param_dtype)
+    self.channel_norm = make_norm(width)
     self.channel = make_channel(rngs)
 
   def _context(self, context) -> dict:
@@ -81,9 +85,9 @@ class Period(nnx.Module):
   """One repeat of the layer pattern: `len(pattern)` blocks applied in order."""
 
   def __init__(self, width: int, pattern: Sequence[tuple[MixerFactory, MixerFactory]], keys: jax.Array,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None):
     self.blocks = nnx.List([
-        Block(width, mixer, channel, rngs=nnx.Rngs(params=keys[i]), param_dtype=param_dtype)
+        Block(width, mixer, channel, rngs=nnx.Rngs(params=keys[i]), param_dtype=param_dtype, make_norm=make_norm)
         for i, (mixer, channel) in enumerate(pattern)
     ])
 
@@ -146,7 +150,9 @@ class Decoder(nnx.Module):
                scan_layers: bool = False, remat: str = "none", logit_scale: float = 1.0, compute_dtype=jnp.float32,
                param_dtype=jnp.float32, prefix: Sequence[tuple[MixerFactory, MixerFactory]] = (),
                suffix: Sequence[tuple[MixerFactory, MixerFactory]] = (),
-               context: Callable[[nnx.Rngs], nnx.Module] | None = None):
+               context: Callable[[nnx.Rngs], nnx.Module] | None = None,
+               make_norm: Callable[[int], nnx.Module] | None = None,
+               make_final_norm: Callable[[int], nnx.Module] | None = None):
     """`logit_scale` multiplies the logits (muP's readout multiplier base_width / width; 1.0 leaves them as is).
 
     `prefix` / `suffix`: layers before / after the repeating pattern, always unrolled (an MoE model's first dense
@@ -154,6 +160,7 @@ class Decoder(nnx.Module):
     layer i still initialises from key i.
     `context`: builds a module whose call returns one entry per layer ([depth, ...]); layer i's token mixer gets
     entry i when it declares `takes_context` (HGRN's lower bounds, which couple layers by a softmax over depth).
+    `make_norm(width)` / `make_final_norm(width)`: the blocks' norms and the final norm (default RMSNorm).
     """
     period, n_prefix, n_suffix = len(pattern), len(prefix), len(suffix)
     n_body = depth - n_prefix - n_suffix
@@ -166,21 +173,22 @@ class Decoder(nnx.Module):
     self.n_prefix, self.n_body = n_prefix, n_body
     self.compute_dtype, self.logit_scale = compute_dtype, logit_scale
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
+    period_kw = dict(param_dtype=param_dtype, make_norm=make_norm)
     self.embed = Embed(vocab_size, width, rngs=rngs, **kw)
     all_keys = jax.random.split(rngs.params(), depth)
-    self.prefix = nnx.List([Period(width, [layer], all_keys[i:i + 1], param_dtype=param_dtype)
+    self.prefix = nnx.List([Period(width, [layer], all_keys[i:i + 1], **period_kw)
                             for i, layer in enumerate(prefix)]) if prefix else None
     keys = all_keys[n_prefix:n_prefix + n_body].reshape(n_body // period, period)
     if scan_layers:
-      make = functools.partial(Period, width, pattern, param_dtype=param_dtype)
+      make = functools.partial(Period, width, pattern, **period_kw)
       self.layers = nnx.vmap(make, in_axes=0, out_axes=0,
                              transform_metadata={nnx.PARTITION_NAME: "layers"})(keys)
     else:
-      self.layers = nnx.List([Period(width, pattern, k, param_dtype=param_dtype) for k in keys])
+      self.layers = nnx.List([Period(width, pattern, k, **period_kw) for k in keys])
     first = n_prefix + n_body
-    self.suffix = nnx.List([Period(width, [layer], all_keys[first + i:first + i + 1], param_dtype=param_dtype)
+    self.suffix = nnx.List([Period(width, [layer], all_keys[first + i:first + i + 1], **period_kw)
                             for i, layer in enumerate(suffix)]) if suffix else None
-    self.final_norm = RMSNorm(width, param_dtype=param_dtype)
+    self.final_norm = (make_final_norm or (lambda w: RMSNorm(w, param_dtype=param_dtype)))(width)
     self.head = None if tie_embeddings else Linear(
         width, vocab_size, in_axes=("embed",), out_axes=("vocab",), rngs=rngs, init=scaled_normal(width), **kw)
     self.context = context(rngs) if context is not None else None

@@ -18,7 +18,6 @@ chunked scan: intra-chunk products, state read-out and update, the delta rule's 
 
 from __future__ import annotations
 
-from flax import nnx
 
 from scalezoo.models.decoder import Decoder
 from scalezoo.models.linear.layers import (LINEAR_MIXERS, LowerBound, make_linear_mixer, mixer_matmul_params,

@@ -33,6 +33,7 @@ class Family:
   flops_per_token: Callable[..., float]
   keys: frozenset = frozenset()  # the model.* keys the family reads; others are rejected as typos
   describe: Callable[[Any], dict] | None = None  # extra summary.json fields (a hybrid's effective ratio)
+  growable: frozenset = frozenset()  # model keys (dotted) that init_from may raise: TokenFormer's token counts
 
 
 FAMILIES: dict[str, Family] = {}

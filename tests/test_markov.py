@@ -187,6 +187,8 @@ def test_config_errors(key, value):
     assert "\n" not in msg and f"data.{key}" in msg, msg
 
 
+# ~14 s; the markov data and the trainer have fast tests, and the slow E-fit below checks the same bound.
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_tiny_model_reaches_but_never_beats_the_entropy_rate(tmp_path):
   """The known-entropy check of what a scaling-law fit calls irreducible loss: no model beats H.

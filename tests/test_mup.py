@@ -215,6 +215,8 @@ def test_mup_needs_family_support(monkeypatch):
 # Coordinate check
 
 
+# ~20 s; the muP forward hooks and learning rates have the fast tests above: `pytest -m slow` runs it.
+@pytest.mark.slow
 def test_coord_check(tmp_path):
   def run(mup, widths):
     cfg = tiny_cfg(batch_size=4, seq_len=16, lr=1e-2, weight_decay=0.0, grad_clip=0.0, mup=mup, mup_base_width=64)

@@ -66,12 +66,10 @@ def _cost_flops(compiled) -> float:
   return float(cost["flops"])
 
 
-def test_flops_per_token_matches_xla():
-  # Matmuls dominate: width 256, ffn 704, seq 128. Full MHA so no repeat of kv heads confuses the count.
-  cfg = tiny(width=256, depth=2, heads=4, kv_heads=4, ffn_width=704, vocab_size=256)
-  batch, seq = 2, 128
-  model = abstract_model(cfg)
-  graphdef, params = nnx.split(model)
+def xla_flops_per_token(cfg, batch: int, seq: int) -> tuple[float, float]:
+  """(training, forward) FLOPs per token by XLA's cost analysis of the compiled loss and its gradient (compiled for
+  the abstract model, never run)."""
+  graphdef, params = nnx.split(abstract_model(cfg))
   tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
   def loss(p, tok_bt):
@@ -80,8 +78,15 @@ def test_flops_per_token_matches_xla():
     return -jnp.mean(jnp.take_along_axis(logp, jnp.roll(tok_bt, -1, axis=1)[..., None], axis=-1))
 
   n_tokens = batch * seq
-  xla_train = _cost_flops(jax.jit(jax.grad(loss)).lower(params, tok).compile()) / n_tokens
-  xla_fwd = _cost_flops(jax.jit(loss).lower(params, tok).compile()) / n_tokens
+  return (_cost_flops(jax.jit(jax.grad(loss)).lower(params, tok).compile()) / n_tokens,
+          _cost_flops(jax.jit(loss).lower(params, tok).compile()) / n_tokens)
+
+
+def test_flops_per_token_matches_xla():
+  # Matmuls dominate: width 256, ffn 704, seq 128. Full MHA so no repeat of kv heads confuses the count.
+  cfg = tiny(width=256, depth=2, heads=4, kv_heads=4, ffn_width=704, vocab_size=256)
+  batch, seq = 2, 128
+  xla_train, xla_fwd = xla_flops_per_token(cfg, batch, seq)
 
   # XLA computes the full T x T scores and AV, not the causal half the formula counts: add the masked half.
   head_dim = cfg.width // cfg.heads

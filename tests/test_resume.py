@@ -216,6 +216,8 @@ def preempted_step(preempted) -> int:
 
 # ----------------------------------------------------------------------------------------------- tests
 
+# ~15 s; SIGTERM, corrupt and partial checkpoints below resume through the same CLI path: `pytest -m slow`.
+@pytest.mark.slow
 def test_sigkill_twice_then_resume_matches_reference(cli, reference, tmp_path):
   """Killed right after checkpoint 4 commits, resumed, killed again mid-interval (step >= 10 logged, checkpoint 8
   committed), resumed to the end: every logged loss is bitwise the reference's and steps are exactly 1..N."""

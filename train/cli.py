@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
   sb.add_argument("--seq_lens", "--seq-lens", dest="seq_lens", default="1024,2048,4096,8192,16384")
   sb.add_argument("--batch", type=int, default=1, help="sequences per training step and per decode step")
   sb.add_argument("--steps", type=int, default=3, help="timed training steps (after 2 warm-up steps)")
-  sb.add_argument("--decode_tokens", "--decode-tokens", dest="decode_tokens", type=int, default=16,
+  sb.add_argument("--decode_tokens", "--decode-tokens", dest="decode_tokens", type=int, default=32,
                   help="timed one-token decode steps after the prefill")
   sb.add_argument("--workdir", default="", help="if set, writes seqbench.csv and seqbench.json there")
   sb.set_defaults(fn=cmd_seqbench)

@@ -8,18 +8,17 @@ one device). Attention layers decode with a KV cache, linear-attention layers wi
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from scalezoo.configs import ConfigError
 from scalezoo.models.generate import generate
 from scalezoo.train import data as data_lib
 from scalezoo.train.checkpoint import Checkpointer
+from scalezoo.train.init_from import read_run_config
 from scalezoo.train.sharding import make_mesh
 from scalezoo.train.step import make_program
 
@@ -29,15 +28,7 @@ ONE_DEVICE_MESH = dict(data=1, fsdp=1, tensor=1, expert=1, preset="", dcn_data=1
 
 def load_run(workdir: str):
   """(config, model with the newest checkpoint's weights) of a run directory, on one device."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--workdir {workdir}: no config.json, so not a run directory; pass a directory that "
-                      f"`scalezoo train` wrote")
-  try:
-    with open(path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path} is unreadable ({e}); pass another run directory") from None
+  cfg = read_run_config(workdir, f"--workdir {workdir}")
   cfg.mesh.update(ONE_DEVICE_MESH)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):

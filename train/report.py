@@ -114,13 +114,18 @@ def fit_sweep(rows: list[dict], bootstrap: int = 0) -> dict | None:
   return laws.fit_chinchilla(n, d, loss, bootstrap=bootstrap)
 
 
-def _sweep_report_kind(sweep_dir: str) -> str:
-  """The sweep config's `report` key from sweep.json: "recall" for a recall-vs-ratio study, else "" (scaling)."""
+def _sweep_json(sweep_dir: str) -> dict:
+  """The sweep config as saved in sweep.json ({} if absent)."""
   try:
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
-      return str(json.load(f).get("report", "") or "")
+      return json.load(f)
   except (OSError, ValueError):
-    return ""
+    return {}
+
+
+def _sweep_report_kind(sweep_dir: str) -> str:
+  """The sweep config's `report` key: "recall" (recall vs ratio), "progressive" (growth vs scratch), else ""."""
+  return str(_sweep_json(sweep_dir).get("report", "") or "")
 
 
 def recall_points(sweep_dir: str, rows: list[dict]) -> list[dict]:
@@ -182,8 +187,12 @@ def write_report(sweep_dir: str, *, bootstrap: int = 50) -> dict:
   rows = read_results(sweep_dir)
   if not rows:
     raise ValueError(f"{sweep_dir}/results.csv has no completed runs to report on")
-  if _sweep_report_kind(sweep_dir) == "recall":
+  kind = _sweep_report_kind(sweep_dir)
+  if kind == "recall":
     return _write_recall_report(sweep_dir, rows)
+  if kind == "progressive":
+    from scalezoo.train.report_growth import write_growth_report
+    return write_growth_report(sweep_dir, rows, baseline=str(_sweep_json(sweep_dir).get("baseline", "")))
   fit = fit_sweep(rows, bootstrap=bootstrap)
   written = {"loss_curves": plot_loss_curves(sweep_dir, rows), "loss_vs_compute": plot_loss_vs_compute(
       sweep_dir, rows, fit)}

@@ -27,6 +27,7 @@ group, and process 0 collects every run's summary.json (so the workdir must be s
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -96,8 +97,9 @@ def expand(sweep) -> list[tuple[str, dict]]:
   for point in points:
     for rung in rungs:
       values = {**point, **rung}
-      shown = [k for k in values if k in name_keys] if name_keys else list(values)
-      name = "-".join(_name_part(k, values[k]) for k in shown) or "run"
+      shown = [k for k in values if k in name_keys] if name_keys else [k for k in values if k != "name"]
+      # A `name` axis names its runs outright (a progressive-growth sweep's stages).
+      name = str(values["name"]) if "name" in values else "-".join(_name_part(k, values[k]) for k in shown) or "run"
       runs.append((name, values))
   names = [n for n, _ in runs]
   if len(set(names)) != len(names):
@@ -114,7 +116,7 @@ def run_configs(sweep, n_devices: int | None = None) -> list[tuple[str, ml_colle
       _set(cfg, key, value)
     budget = {"tokens_per_param": float(sweep.get("tokens_per_param", 0.0))}
     for key, value in values.items():
-      if key == "base":
+      if key in ("base", "name"):
         continue
       if key.startswith("budget."):
         budget = {key[len("budget."):]: float(value)}
@@ -122,8 +124,19 @@ def run_configs(sweep, n_devices: int | None = None) -> list[tuple[str, ml_colle
         _set(cfg, key, value)
     _apply_budget(cfg, budget)
     validate(cfg, n_devices or jax.device_count())
+    source = cfg.get("init_from", "")
+    if source.startswith(RUN_PREFIX) and source[len(RUN_PREFIX):] not in [n for n, _ in out]:
+      raise ConfigError(f"sweep run {name}: init_from={source!r} must name a run listed before it in the sweep")
     out.append((name, cfg))
   return out
+
+
+RUN_PREFIX = "run:"  # init_from="run:NAME": another run of the same sweep (train/init_from.py)
+
+
+def depends_on_runs(runs) -> bool:
+  """Whether a run starts from another run of the sweep (so runs must go one after another, in order)."""
+  return any(cfg.get("init_from", "").startswith(RUN_PREFIX) for _, cfg in runs)
 
 
 BUDGETS = ("tokens", "tokens_per_param", "compute")
@@ -244,7 +257,11 @@ def sweep(sweep_cfg, workdir: str, *, quiet: bool = False, train_fn=None) -> lis
   groups = device_groups(sweep_cfg.get("devices_per_run", 0) or 0)
   runs = run_configs(sweep_cfg, len(groups[0]))
   packed = len(groups) > 1
-  axis_keys = list(flatten(sweep_cfg.get("grid"))) + list(flatten(sweep_cfg.get("ladder")))
+  if packed and depends_on_runs(runs):
+    raise ConfigError(f"devices_per_run={sweep_cfg.devices_per_run} runs the sweep's runs side by side, but some "
+                      f"start from another run (init_from=run:NAME); set devices_per_run=0")
+  axis_keys = [k for k in list(flatten(sweep_cfg.get("grid"))) + list(flatten(sweep_cfg.get("ladder")))
+               if k != "name"]
   values = dict(expand(sweep_cfg))
   is_main = jax.process_index() == 0
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
@@ -258,6 +275,9 @@ def sweep(sweep_cfg, workdir: str, *, quiet: bool = False, train_fn=None) -> lis
   def one(i: int) -> None:
     name, cfg = runs[i]
     run_dir = os.path.join(workdir, "runs", name)
+    if cfg.get("init_from", "").startswith(RUN_PREFIX):
+      cfg = copy.deepcopy(cfg)
+      cfg.init_from = os.path.join(workdir, "runs", cfg.init_from[len(RUN_PREFIX):])
     t_run = time.time()
     try:
       summary = finished_summary(cfg, run_dir)

@@ -24,6 +24,7 @@ import numpy as np
 from scalezoo import models
 from scalezoo.configs import ConfigError
 from scalezoo.train import data as data_lib
+from scalezoo.train import init_from
 from scalezoo.train.checkpoint import Checkpointer
 from scalezoo.train.metrics import MetricsLog, Progress, mfu, peak_flops_per_device, read_summary, write_json
 from scalezoo.train.sharding import make_mesh
@@ -43,8 +44,9 @@ def config_json(cfg) -> dict:
 
 
 def run_identity(config: dict) -> dict:
-  """What must match to resume a run: everything but the mesh, since checkpoints restore onto any mesh."""
-  return {k: v for k, v in config.items() if k != "mesh"}
+  """What must match to resume a run: everything but the mesh, since checkpoints restore onto any mesh (and an
+  empty init_from, so run directories written before that key existed still resume)."""
+  return {k: v for k, v in config.items() if k != "mesh" and not (k == "init_from" and not v)}
 
 
 def _first_difference(old, new, prefix=""):
@@ -170,6 +172,7 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
     # Builds the abstract model and every sharding: a mesh axis that does not divide a parameter fails here,
     # before the run directory is touched.
     program = make_program(cfg, mesh)
+  source = init_from.check(cfg) if cfg.get("init_from") else None  # also before anything is written
   if is_main:
     claim_workdir(cfg, workdir)
 
@@ -186,6 +189,9 @@ def train(cfg, workdir: str, *, devices=None, quiet: bool = False) -> dict:
     restored = ckpt.restore_latest(program.abstract_state())
     if restored is None:
       start, state = 0, program.init()
+      if source is not None:
+        state = init_from.initial_state(cfg, source, program, mesh, state)
+        _say(f"initialised from {cfg.init_from}", quiet)
     else:
       start, state, data_state = restored
       summary_path = os.path.join(workdir, "summary.json")

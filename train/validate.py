@@ -45,6 +45,13 @@ def validate_model(m) -> None:
   unknown = sorted(set(m.keys()) - keys)
   if unknown:
     raise ConfigError(f"unknown config key model.{unknown[0]} for family {m.family}; known: {', '.join(sorted(keys))}")
+  if m.family == "tokenformer":  # no kv_heads, head_dim or ffn_width: its own check covers the shared keys
+    from scalezoo.models.tokenformer import check_config
+    try:
+      check_config(m)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    return
   for key in ("width", "depth", "heads", "kv_heads", "vocab_size", "ffn_width"):
     _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key], "must be a positive integer")
   _require(m.head_dim > 0 or m.width % m.heads == 0, "model.heads", m.heads,
@@ -126,6 +133,8 @@ def validate(cfg, n_devices: int) -> None:
   """Raises ConfigError on the first bad key of `cfg` for a run on `n_devices` devices."""
   _check_known_keys(cfg)
   validate_model(cfg.model)
+  _require(isinstance(cfg.get("init_from", ""), str), "init_from", cfg.get("init_from"),
+           "must be a run directory (or run:NAME inside a sweep)")
   t = cfg.train
   for key in ("steps", "batch_size", "seq_len", "microbatches", "max_nonfinite", "eval_batches"):
     _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive integer")
