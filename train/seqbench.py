@@ -2,10 +2,10 @@
 
 For each sequence length L and each config (the first is the reference the ratios are taken against), on one
 device:
-- training: the jitted train step on a random batch of `batch` x L tokens, 1 warm-up + `steps` timed steps;
-- decoding: a prefill of L tokens into caches sized L + `decode_tokens`, then `decode_tokens` one-token steps,
-  each timed (the median: ms per token at context L), and the bytes the caches hold (a KV cache grows with L, a linear layer's
-  state does not).
+- training: the jitted train step on a random batch of `batch` x L tokens, 2 warm-up + `steps` timed steps;
+- decoding: a prefill of L tokens into caches sized L + `decode_tokens` + 1, then `decode_tokens` one-token steps,
+  each timed (the median: ms per token at context L), and the bytes the caches hold (a KV cache grows with L, a
+  linear layer's state does not).
 A config that fails at some length (out of memory, say) gets a row with its status and reason; the others go on.
 Rows are printed as they finish and, with `workdir`, written to seqbench.csv / seqbench.json.
 
