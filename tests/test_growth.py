@@ -113,3 +113,12 @@ def test_bad_init_from_is_one_line_and_writes_nothing(grown_sweep, tmp_path, cap
   assert "family 'tokenformer'" in family
   missing = _bad(tmp_path, capsys, "tokenformer:tiny", [f"--config.init_from={tmp_path / 'nowhere'}"])
   assert "no config.json" in missing
+
+
+def test_rerunning_the_sweep_skips_finished_runs(grown_sweep):
+  """A second `scalezoo sweep` over a finished sweep trains nothing: every run's files stay as they were."""
+  metrics = {n: (grown_sweep / "runs" / n / "metrics.jsonl") for n in ("stage1", "stage2", "stage3", "scratch")}
+  before = {n: (p.stat().st_mtime_ns, p.read_bytes()) for n, p in metrics.items()}
+  rows = sweep_lib.sweep(sweep_lib.load_sweep("tokenformer_grow:tiny", {}), str(grown_sweep), quiet=True)
+  assert [r["status"] for r in rows] == ["completed"] * 4
+  assert {n: (p.stat().st_mtime_ns, p.read_bytes()) for n, p in metrics.items()} == before

@@ -87,8 +87,7 @@ def test_every_family_same_loss_under_every_preset(family):
     # moe's dp/fsdp/fsdp_tp runs cover it; ep is where moge's routing meets the expert-parallel dispatch.
     presets = dict(ep=dict(expert=2))
   if family == "tokenformer":
-    # tests/test_tokenformer.py also runs fsdp=4,tensor=2 with param_tokens over tensor and over fsdp.
-    presets = dict(fsdp_tp=dict(tensor=2))
+    pytest.skip("tests/test_tokenformer.py runs fsdp=4,tensor=2 with param_tokens over tensor and over fsdp")
   if family == "hybrid":
     # Gated DeltaNet 3:1: fsdp_tp shards the batch and weights over fsdp and the linear heads over tensor, the
     # layouts dp and fsdp alone only subset.

@@ -20,6 +20,9 @@ FLAGS = ["--config.model.width=32", "--config.model.heads=2", "--config.model.kv
          "--config.train.compute_dtype=float32"]
 
 
+# ~15 s of compiles (train, prefill and decode programs of two models); the pieces it drives have fast tests
+# (decoding in test_hybrid.py, the train step everywhere): `pytest -m slow` runs it.
+@pytest.mark.slow
 def test_rows_ratios_and_cache_sizes(tmp_path, capsys):
   workdir = tmp_path / "bench"
   code = main(["seqbench", "--config", "hybrid:tiny,mixer=attention", "--config", "hybrid:tiny,ratio=0",

@@ -94,6 +94,9 @@ def _results(path) -> list[dict]:
     return list(csv.DictReader(f))
 
 
+# ~23 s (two subprocess runs); resuming a killed run is covered fast in test_resume.py and skipping finished runs
+# in test_growth.py (re-running its sweep): `pytest -m slow` runs it.
+@pytest.mark.slow
 def test_killed_sweep_finishes_without_redoing_finished_runs(tmp_path):
   """Kill the sweep while its second run trains; re-running finishes it: the first run is not touched again and
   the second resumes from its checkpoint."""

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
 # How long after a failed restore its echoes (see _install_noise_filters) are still swallowed.
-_ECHO_WINDOW_S = 10.0
+_ECHO_WINDOW_S = 60.0
 _quiet_until = 0.0
 
 
@@ -244,6 +244,10 @@ def _reason(error: BaseException) -> str:
 
 def _is_restore_echo(error: BaseException | None) -> bool:
   if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    return True
+  # An abandoned shard read's TensorStore error: its traceback may hold no orbax frame (seen when the future is
+  # collected late, on a loaded machine), but its message always carries the TensorStore spec.
+  if error is not None and "tensorstore_spec=" in str(error):
     return True
   tb = error.__traceback__ if error is not None else None
   while tb is not None:
