@@ -20,8 +20,8 @@ from __future__ import annotations
 
 
 from scalezoo.models.decoder import Decoder
-from scalezoo.models.linear.layers import (LINEAR_MIXERS, LowerBound, make_linear_mixer, mixer_matmul_params,
-                                           mixer_op_flops, mixer_param_count)
+from scalezoo.models.linear.layers import (LINEAR_MIXERS, LowerBound, make_linear_mixer, mixer_dims,
+                                           mixer_matmul_params, mixer_op_flops, mixer_param_count)
 from scalezoo.models.registry import (DENSE_KEYS, Family, attention_factory, attention_flops_per_token,
                                       attention_matmul_params, embedding_params, head_dim, mlp_factory,
                                       mlp_matmul_params, register)
@@ -86,7 +86,6 @@ def check_config(cfg) -> None:
 
 
 def _linear_kw(cfg) -> dict:
-  from scalezoo.models.linear.layers import mixer_dims
   kw = dict(heads=cfg.linear_heads, head_dim=cfg.linear_head_dim)
   try:
     mixer_dims(cfg.mixer, cfg.width, **kw)

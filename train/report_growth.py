@@ -35,8 +35,7 @@ def _curve(sweep_dir: str, name: str, flops_per_token: float, offset: float) -> 
   rows = [r for r in read_jsonl(os.path.join(sweep_dir, "runs", name, "metrics.jsonl")) if r.get("loss") is not None]
   compute = offset + flops_per_token * np.array([r["tokens"] for r in rows], float)
   loss = np.array([r["loss"] for r in rows], float)
-  kernel = np.ones(min(SMOOTH, len(loss))) / min(SMOOTH, len(loss))
-  smooth = np.array([loss[max(0, i - len(kernel) + 1):i + 1].mean() for i in range(len(loss))])
+  smooth = np.array([loss[max(0, i - SMOOTH + 1):i + 1].mean() for i in range(len(loss))])
   return compute, smooth
 
 

@@ -76,8 +76,8 @@ def bench_one(cfg, seq_len: int, *, batch: int, steps: int, decode_tokens: int) 
       _timed(train_step, WARMUP_STEPS)
       row["train_tokens_per_s"] = batch * seq_len / _timed(train_step, steps)
 
-      model_state = nnx.state(nnx.merge(program.graphdef, holder["state"]["params"], holder["state"]["rest"]))
-      fns = decode_fns(nnx.merge(program.graphdef, model_state))
+      model = nnx.merge(program.graphdef, holder["state"]["params"], holder["state"]["rest"])
+      model_state, fns = nnx.state(model), decode_fns(model)
       cache = fns.init_cache(model_state, batch, seq_len + decode_tokens + 1)
       row["cache_mib"] = sum(x.nbytes for x in jax.tree.leaves(cache)) / 2 ** 20
       prompt = batch_bt[:, :seq_len]
