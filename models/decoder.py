@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalezoo.models.layers import Embed, Linear, RMSNorm, constrain, scaled_normal
+from scalezoo.models.streams import Aggregator, Streams, fold
 
 # A factory builds one layer's token mixer or channel mixer from its rngs.
 MixerFactory = Callable[[nnx.Rngs], nnx.Module]
@@ -46,19 +47,31 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm(x)), then x + channel(norm(x)).
 
   `make_norm(width)` builds the two norms (default RMSNorm with a gain; TokenFormer: LayerNorm without one).
+  `streams` (ParScale, more than one stream) adds `parscale`, the token mixer's per-stream parameters (its
+  `stream_params`: an attention layer's KV prefix, a linear layer's initial state), made after the layer's own
+  weights so those draw the same random numbers as the base model's.
   """
 
   def __init__(self, width: int, make_mixer: MixerFactory, make_channel: MixerFactory, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None):
+               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None,
+               streams: Streams | None = None):
     make_norm = make_norm or (lambda w: RMSNorm(w, param_dtype=param_dtype))
     self.mixer_norm = make_norm(width)
     self.mixer = make_mixer(rngs)
     self.channel_norm = make_norm(width)
     self.channel = make_channel(rngs)
+    if streams is not None and streams.n > 1:
+      if not hasattr(self.mixer, "stream_params"):
+        raise ValueError(f"token mixer {type(self.mixer).__name__} has no ParScale stream parameters")
+      self.parscale = self.mixer.stream_params(streams, rngs)
 
   def _context(self, context) -> dict:
-    # Only mixers that declare `takes_context` (HGRN's per-layer lower bound) receive the decoder's context.
-    return {"context": context} if getattr(self.mixer, "takes_context", False) else {}
+    # Only mixers that declare `takes_context` (HGRN's per-layer lower bound) receive the decoder's context;
+    # only ParScale blocks pass their per-stream parameters.
+    kw = {"context": context} if getattr(self.mixer, "takes_context", False) else {}
+    if hasattr(self, "parscale"):
+      kw["streams"] = self.parscale
+    return kw
 
   def _channel(self, x_btd: jax.Array) -> tuple[jax.Array, dict]:
     y, aux_c = _split_aux(self.channel(self.channel_norm(x_btd)))
@@ -72,7 +85,8 @@ class Block(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int):
     """The token mixer's decoding cache (channel mixers keep none)."""
-    return self.mixer.init_cache(batch, max_len)
+    kw = {"streams": self.parscale} if hasattr(self, "parscale") else {}
+    return self.mixer.init_cache(batch, max_len, **kw)
 
   def step(self, x_btd: jax.Array, positions_bt: jax.Array, cache, context=None):
     """Decoding: the block on new tokens given its mixer's cache; returns (x, updated cache)."""
@@ -85,9 +99,11 @@ class Period(nnx.Module):
   """One repeat of the layer pattern: `len(pattern)` blocks applied in order."""
 
   def __init__(self, width: int, pattern: Sequence[tuple[MixerFactory, MixerFactory]], keys: jax.Array,
-               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None):
+               param_dtype=jnp.float32, make_norm: Callable[[int], nnx.Module] | None = None,
+               streams: Streams | None = None):
     self.blocks = nnx.List([
-        Block(width, mixer, channel, rngs=nnx.Rngs(params=keys[i]), param_dtype=param_dtype, make_norm=make_norm)
+        Block(width, mixer, channel, rngs=nnx.Rngs(params=keys[i]), param_dtype=param_dtype, make_norm=make_norm,
+              streams=streams)
         for i, (mixer, channel) in enumerate(pattern)
     ])
 
@@ -143,6 +159,10 @@ class Decoder(nnx.Module):
   Layers come in three segments: `prefix` (unrolled), the repeating `pattern` (scanned with `scan_layers`), and
   `suffix` (unrolled). Decoding: `init_cache(batch, max_len)` then `decode(tokens, cache) -> (logits, cache)`
   for a prefill of any length and then one token at a time.
+
+  With `streams` of n > 1 (ParScale) the embeddings are repeated into a stream-major batch of n * B rows, each
+  block's token mixer gets its per-stream parameters, and `aggregator` folds the streams back after the final norm;
+  caches hold n * B rows.
   """
 
   def __init__(self, *, vocab_size: int, width: int, depth: int,
@@ -152,7 +172,7 @@ class Decoder(nnx.Module):
                suffix: Sequence[tuple[MixerFactory, MixerFactory]] = (),
                context: Callable[[nnx.Rngs], nnx.Module] | None = None,
                make_norm: Callable[[int], nnx.Module] | None = None,
-               make_final_norm: Callable[[int], nnx.Module] | None = None):
+               make_final_norm: Callable[[int], nnx.Module] | None = None, streams: Streams | None = None):
     """`logit_scale` multiplies the logits (muP's readout multiplier base_width / width; 1.0 leaves them as is).
 
     `prefix` / `suffix`: layers before / after the repeating pattern, always unrolled (an MoE model's first dense
@@ -161,6 +181,7 @@ class Decoder(nnx.Module):
     `context`: builds a module whose call returns one entry per layer ([depth, ...]); layer i's token mixer gets
     entry i when it declares `takes_context` (HGRN's lower bounds, which couple layers by a softmax over depth).
     `make_norm(width)` / `make_final_norm(width)`: the blocks' norms and the final norm (default RMSNorm).
+    `streams`: ParScale's parallel streams (models.streams); None or one stream builds exactly the plain decoder.
     """
     period, n_prefix, n_suffix = len(pattern), len(prefix), len(suffix)
     n_body = depth - n_prefix - n_suffix
@@ -173,7 +194,9 @@ class Decoder(nnx.Module):
     self.n_prefix, self.n_body = n_prefix, n_body
     self.compute_dtype, self.logit_scale = compute_dtype, logit_scale
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
-    period_kw = dict(param_dtype=param_dtype, make_norm=make_norm)
+    streams = streams if streams is not None and streams.n > 1 else None
+    self.n_streams = 1 if streams is None else streams.n
+    period_kw = dict(param_dtype=param_dtype, make_norm=make_norm, streams=streams)
     self.embed = Embed(vocab_size, width, rngs=rngs, **kw)
     all_keys = jax.random.split(rngs.params(), depth)
     self.prefix = nnx.List([Period(width, [layer], all_keys[i:i + 1], **period_kw)
@@ -192,6 +215,8 @@ class Decoder(nnx.Module):
     self.head = None if tie_embeddings else Linear(
         width, vocab_size, in_axes=("embed",), out_axes=("vocab",), rngs=rngs, init=scaled_normal(width), **kw)
     self.context = context(rngs) if context is not None else None
+    if streams is not None:  # last, so every other parameter draws what the base model's does
+      self.aggregator = Aggregator(width, streams, rngs=rngs, **kw)
 
   # -- layer segments -------------------------------------------------------------------------------------------
 
@@ -228,8 +253,18 @@ class Decoder(nnx.Module):
       fn = jax.checkpoint(fn, policy=policy)
     return fn
 
+  def _embed(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Embeddings and positions, repeated into the stream-major batch when there are streams."""
+    x_btd = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    if self.n_streams > 1:
+      x_btd = constrain(fold(x_btd, self.n_streams), ("batch", "seq", "embed"))
+      positions_bt = fold(positions_bt, self.n_streams)
+    return x_btd, positions_bt
+
   def _logits(self, x_btd: jax.Array) -> jax.Array:
     x_btd = self.final_norm(x_btd)
+    if self.n_streams > 1:
+      x_btd = self.aggregator(x_btd)
     logits_btv = self.embed.attend(x_btd) if self.head is None else self.head(x_btd)
     logits_btv = logits_btv.astype(jnp.float32)
     if self.logit_scale != 1.0:  # skipped at 1.0 so the default program is unchanged
@@ -240,7 +275,7 @@ class Decoder(nnx.Module):
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x_btd = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x_btd, positions_bt = self._embed(tokens_bt, positions_bt)
     ctx_prefix, ctx_body, ctx_suffix = self._contexts()
     parts = []
     if self.prefix is not None:
@@ -277,13 +312,20 @@ class Decoder(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """Zero decoding state for `batch` sequences of up to `max_len` tokens: a KV cache in attention layers, a
-    recurrent state and conv cache in linear layers (their size does not grow with `max_len`)."""
-    def unrolled(periods):
-      return [p.init_cache(batch, max_len) for p in periods] if periods is not None else []
+    recurrent state and conv cache in linear layers (their size does not grow with `max_len`). With streams:
+    n_streams * batch rows, starting from each stream's prefix or initial state."""
+    rows = batch * self.n_streams
 
-    if self.scan_layers:
+    def unrolled(periods):
+      return [p.init_cache(rows, max_len) for p in periods] if periods is not None else []
+
+    if self.scan_layers and self.n_streams > 1:
+      # Each period starts from its own prefixes: build its cache from its slice of the stacked parameters.
+      graphdef, state = nnx.split(self.layers)
+      body = jax.vmap(lambda s: nnx.merge(graphdef, s, copy=True).init_cache(rows, max_len))(state)
+    elif self.scan_layers:
       # The scanned period's caches depend only on its static sizes; one per period along a leading axis.
-      one = self.layers.init_cache(batch, max_len)
+      one = self.layers.init_cache(rows, max_len)
       n_periods = self.n_body // self.period
       body = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_periods,) + a.shape), one)
     else:
@@ -299,7 +341,7 @@ class Decoder(nnx.Module):
     """
     b, t = tokens_bt.shape
     positions_bt = jnp.broadcast_to(cache["index"] + jnp.arange(t, dtype=jnp.int32), (b, t))
-    x_btd = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x_btd, positions_bt = self._embed(tokens_bt, positions_bt)
     ctx_prefix, ctx_body, ctx_suffix = self._contexts()
 
     def unrolled(periods, caches, contexts, x):

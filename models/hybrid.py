@@ -95,7 +95,7 @@ def _linear_kw(cfg) -> dict:
   return kw
 
 
-def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat):
+def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, streams=None):
   dtypes = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
   attention, mlp = attention_factory(cfg, dtypes), mlp_factory(cfg, dtypes)
   if cfg.mixer == "attention":
@@ -113,7 +113,8 @@ def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat):
     context = lambda r: LowerBound(cfg.depth, cfg.width, param_dtype=param_dtype)
   return Decoder(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, rngs=rngs,
                  pattern=[layer(k) for k in kinds[:period]], suffix=[layer(k) for k in kinds[period * periods:]],
-                 tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat, context=context, **dtypes)
+                 tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat, context=context,
+                 streams=streams, **dtypes)
 
 
 def _counts(cfg) -> tuple[int, int]:

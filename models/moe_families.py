@@ -46,14 +46,14 @@ def moe_factory(cfg, dtypes: dict, routing: str) -> Callable[[nnx.Rngs], nnx.Mod
 
 
 def _builder(routing_of: Callable):
-  def build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0):
+  def build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0, streams=None):
     dtypes = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
     attention = attention_factory(cfg, dtypes, mup=bool(mup_base_width))
     pattern = [(attention, moe_factory(cfg, dtypes, routing_of(cfg)))]
     prefix = [(attention, mlp_factory(cfg, dtypes))] * first_dense(cfg)
     return Decoder(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, pattern=pattern, rngs=rngs,
                    tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat,
-                   logit_scale=mup_logit_scale(cfg, mup_base_width), prefix=prefix, **dtypes)
+                   logit_scale=mup_logit_scale(cfg, mup_base_width), prefix=prefix, streams=streams, **dtypes)
   return build
 
 

@@ -107,12 +107,13 @@ def mlp_factory(cfg, dtypes: dict) -> Callable[[nnx.Rngs], nnx.Module]:
   return lambda rngs: SwiGLU(cfg.width, cfg.ffn_width, rngs=rngs, depth=cfg.depth, **dtypes)
 
 
-def _build_dense(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0):
+def _build_dense(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0,
+                 streams=None):
   dtypes = dict(compute_dtype=compute_dtype, param_dtype=param_dtype)
   pattern = [(attention_factory(cfg, dtypes, mup=bool(mup_base_width)), mlp_factory(cfg, dtypes))]
   return Decoder(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, pattern=pattern, rngs=rngs,
                  tie_embeddings=cfg.tie_embeddings, scan_layers=scan_layers, remat=remat,
-                 logit_scale=mup_logit_scale(cfg, mup_base_width), **dtypes)
+                 logit_scale=mup_logit_scale(cfg, mup_base_width), streams=streams, **dtypes)
 
 
 def attention_matmul_params(cfg) -> int:

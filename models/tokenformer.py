@@ -57,6 +57,7 @@ class TokenFormerAttention(Attention):
     self.rope_theta, self.implementation, self.attn_scale = rope_theta, implementation, None
     self.rope_dims = rotary_dims(head_dim, rope_fraction)
     self.q_norm = self.k_norm = None
+    self.param_dtype = param_dtype
     kw = dict(rngs=rngs, norm=norm, key_std=key_std, value_std=value_std, compute_dtype=compute_dtype,
               param_dtype=param_dtype)
     qkv = dict(tau=tau_qkv, in_axis="embed", out_axes=("heads", "head_dim"), **kw)
@@ -126,7 +127,7 @@ def value_std(cfg) -> float:
   return 2.0 / (cfg.depth * math.sqrt(cfg.width))
 
 
-def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat):
+def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, streams=None):
   check_config(cfg)
   t = cfg.tokenformer
   kw = dict(norm=t.norm, value_std=value_std(cfg), compute_dtype=compute_dtype, param_dtype=param_dtype)
@@ -138,7 +139,7 @@ def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat):
   return Decoder(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, pattern=[(attention, ffn)], rngs=rngs,
                  tie_embeddings=True, scan_layers=scan_layers, remat=remat, compute_dtype=compute_dtype,
                  param_dtype=param_dtype, make_norm=lambda w: LayerNorm(w, parametric=False, param_dtype=param_dtype),
-                 make_final_norm=lambda w: LayerNorm(w, param_dtype=param_dtype))
+                 make_final_norm=lambda w: LayerNorm(w, param_dtype=param_dtype), streams=streams)
 
 
 def layer_params(cfg) -> int:

@@ -103,14 +103,20 @@ def memory_limit_bytes(flag_gib: float = 0.0) -> int | None:
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def peak_bytes(compiled) -> int | None:
-  """Per-device peak of a compiled SPMD program (arguments + outputs + temporaries - donated aliases), or
-  None where the backend gives no memory analysis."""
+def memory_analysis(compiled):
+  """XLA's memory analysis of a compiled program (sizes in bytes: argument, output, alias, temp), or None where
+  the backend gives none."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # noqa: BLE001  (NotImplemented on some backends)
     return None
-  m = (m[0] if m else None) if isinstance(m, (list, tuple)) else m  # a list, one per program, in some versions
+  return (m[0] if m else None) if isinstance(m, (list, tuple)) else m  # a list, one per program, in some versions
+
+
+def peak_bytes(compiled) -> int | None:
+  """Per-device peak of a compiled SPMD program (arguments + outputs + temporaries - donated aliases), or
+  None where the backend gives no memory analysis."""
+  m = memory_analysis(compiled)
   return None if m is None else int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
                                     - m.alias_size_in_bytes)
 

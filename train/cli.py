@@ -1,4 +1,4 @@
-"""`scalezoo` command line: train, sweep, fit, plot, bench, seqbench, generate, quickstart.
+"""`scalezoo` command line: train, sweep, fit, plot, bench, seqbench, parbench, generate, quickstart.
 
 Bad input (a config key, a value, a missing file, a mesh that does not fit) prints one line
 `scalezoo: error: ...` and exits with code 2 before anything is written or compiled.
@@ -80,6 +80,18 @@ def cmd_seqbench(args, overrides) -> int:
   return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def cmd_parbench(args, overrides) -> int:
+  from scalezoo.train.parbench import parbench, read_k
+  k = read_k(args.fit, args.k)
+  try:
+    batches = [int(x) for x in args.batches.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"--batches {args.batches!r}: give comma-separated integers, e.g. 1,8,32") from None
+  rows = parbench(load_config(args.config, overrides), k=k, batches=batches, prompt_len=args.prompt_len,
+                  tokens=args.tokens, scale=args.scale, workdir=args.workdir)
+  return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
 def cmd_generate(args, overrides) -> int:
   from scalezoo.train.generate import generate_text
   if overrides:
@@ -114,31 +126,46 @@ def jax_process_index() -> int:
 
 def cmd_fit(args, overrides) -> int:
   import json
-  import tempfile
   from scalezoo.train import laws
-  from scalezoo.train.report import read_results
+  if args.bootstrap and args.law not in ("chinchilla", "parscale"):
+    raise ConfigError(f"--bootstrap: only the chinchilla and parscale fits have bootstrap intervals, not {args.law}")
   kw = {"bootstrap": args.bootstrap} if args.bootstrap else {}
-  if args.csv:
-    result = laws.fit_csv(args.csv, args.law, **kw)
-  else:
-    # A sweep's results: fit the held-out eval loss of its completed runs.
-    try:
-      rows = read_results(args.workdir)
-    except FileNotFoundError:
-      raise ConfigError(f"--workdir {args.workdir}: no results.csv; pass a sweep directory or --csv FILE") from None
-    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
-      f.write("params,tokens,loss\n")
-      f.writelines(f"{r['params']},{r['tokens']},{r['eval_loss']}\n" for r in rows)
-    try:
-      result = laws.fit_csv(f.name, args.law, **kw)
-    finally:
-      os.unlink(f.name)
+  result = laws.fit_csv(args.csv, args.law, **kw) if args.csv else _fit_sweep_dir(args.workdir, args.law, kw)
   if args.json:
     print(json.dumps(result, indent=2))
-  else:
-    for k, v in result.items():
-      print(f"{k:>12}: {v}")
+    return 0
+  ci = result.get("ci") or {}
+  for k, v in result.items():
+    if k != "ci":
+      print(f"{k:>12}: {v}" + (f"  (95% interval {ci[k][0]:.6g} to {ci[k][1]:.6g})" if k in ci else ""))
+  if args.law == "parscale":
+    gains = laws.parscale_multiplier(result, [2, 4, 8])
+    print(f"{'k ln P + 1':>12}: " + ", ".join(f"P={p}: {g:.3f}" for p, g in zip((2, 4, 8), gains))
+          + "  (the single-stream parameters that match P streams, as a multiple of N)")
   return 0
+
+
+def _fit_sweep_dir(workdir: str, law: str, kw: dict) -> dict:
+  """`law` fitted to the eval losses of a sweep's completed runs.
+
+  N is the total parameter count for the Chinchilla and over-training laws, the non-embedding count (prefixes
+  and aggregator included) for ParScale, whose paper fits that; P is each run's streams (1 for other families).
+  """
+  from scalezoo.train import laws
+  from scalezoo.train.report import read_results
+  if law == "downstream":
+    raise ConfigError(f"--workdir {workdir}: a sweep records no downstream error rates; fit --law downstream with "
+                      f"--csv FILE (columns loss,error)")
+  try:
+    rows = read_results(workdir)
+  except FileNotFoundError:
+    raise ConfigError(f"--workdir {workdir}: no results.csv; pass a sweep directory or --csv FILE") from None
+  if not rows:
+    raise ConfigError(f"--workdir {workdir}: results.csv has no completed runs to fit")
+  n_key = "non_embedding_params" if law == "parscale" else "params"
+  table = [dict(params=r[n_key], tokens=r["tokens"], streams=r["streams"], loss=r["eval_loss"]) for r in rows]
+  return laws.fit_table(["params", "tokens", "streams", "loss"], table, law, source=f"--workdir {workdir}",
+                        labels=[f"run {r['name']}" for r in rows], **kw)
 
 
 def cmd_plot(args, overrides) -> int:
@@ -217,10 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(fn=cmd_sweep)
   f = sub.add_parser("fit", help="fit a scaling law to a sweep's results or a CSV")
   src = f.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="sweep directory (fits eval loss of completed runs)")
+  src.add_argument("--workdir", help="sweep directory (fits eval loss of completed runs; parscale: N = "
+                                     "non-embedding parameters, P = streams)")
   src.add_argument("--csv", help="CSV with columns params,tokens,loss (+streams for parscale, error for downstream)")
   f.add_argument("--law", required=True, choices=["chinchilla", "overtrain", "parscale", "downstream"])
-  f.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% intervals (chinchilla)")
+  f.add_argument("--bootstrap", type=int, default=0,
+                 help="bootstrap resamples for 95%% intervals of the constants (chinchilla, parscale)")
   f.add_argument("--json", action="store_true", help="print the result as JSON")
   f.set_defaults(fn=cmd_fit)
   pl = sub.add_parser("plot", help="plots, fit.json and report.md of a sweep directory")
@@ -258,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
                   help="timed one-token decode steps after the prefill")
   sb.add_argument("--workdir", default="", help="if set, writes seqbench.csv and seqbench.json there")
   sb.set_defaults(fn=cmd_seqbench)
+  pb = sub.add_parser("parbench", help="ParScale vs the dense model of equal loss: decode memory and ms/token "
+                                       "increases over the base", epilog="--config.KEY=VALUE overrides apply to the "
+                                       "ParScale config, before its base and dense models are derived from it.")
+  pb.add_argument("--config", required=True, help="a ParScale config, e.g. parscale:dense:quickstart,streams=4")
+  pb.add_argument("--fit", default="", help="fit.json of a ParScale sweep (law parscale), or the sweep directory")
+  pb.add_argument("--k", default="", help="the law's k instead of --fit (0.39: the paper's Stack-V2-Python fit)")
+  pb.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (sequences decoded together)")
+  pb.add_argument("--prompt_len", "--prompt-len", dest="prompt_len", type=int, default=64,
+                  help="prompt tokens prefilled before the timed steps")
+  pb.add_argument("--tokens", type=int, default=32, help="timed one-token decode steps per model and batch")
+  pb.add_argument("--scale", choices=("width", "depth"), default="width",
+                  help="how the dense model grows to the equal-loss size: width (heads, ffn_width) or depth")
+  pb.add_argument("--workdir", default="", help="if set, writes parbench.csv and parbench.json there")
+  pb.set_defaults(fn=cmd_parbench)
   g = sub.add_parser("generate", help="continue a prompt with a trained run (KV cache / recurrent state decoding)")
   g.add_argument("--workdir", required=True, help="a run directory written by scalezoo train")
   g.add_argument("--prompt", default="", help="text to continue (byte tokens)")

@@ -1,11 +1,13 @@
-"""`init_from`: start a run from another run's trained parameters (TokenFormer growth, continued training).
+"""`init_from`: start a run from another run's trained parameters (TokenFormer growth, ParScale recycling).
 
 `--config.init_from=RUN_DIR` takes the newest readable checkpoint of RUN_DIR (restored onto this run's mesh) and
 maps its parameters onto this run's model: equal shapes are copied, and a family may let some model keys grow
 (`Family.growable`, e.g. TokenFormer's parameter-token counts, whose new key tokens start at zero so the logits do
-not change). Optimizer moments, the step and the data order start fresh. Every other model key must match the
-source run's; the first that does not is one clear error line. Once the run has checkpoints of its own it resumes
-from those and `init_from` is not read again.
+not change). A ParScale run recycles a run of its base family: the base parameters are copied and ParScale's
+prefixes, initial states and aggregator start from their init (`parscale.recycle_params`). Optimizer moments, the
+step and the data order start fresh. Every other model key must match the source run's; the first that does not is
+one clear error line. Once the run has checkpoints of its own it resumes from those and `init_from` is not read
+again.
 
 Inside a sweep, `init_from="run:NAME"` names another run of the same sweep (resolved to its run directory).
 """
@@ -20,6 +22,7 @@ import ml_collections
 
 from scalezoo import models
 from scalezoo.configs import ConfigError
+from scalezoo.models import parscale
 from scalezoo.models.tokenformer import grow_params
 from scalezoo.train.checkpoint import Checkpointer
 from scalezoo.train.sweep import flatten
@@ -40,12 +43,26 @@ def read_run_config(run_dir: str, where: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"{where}: {path} is unreadable ({e})") from None
 
 
-def check_compatible(cfg, source) -> None:
-  """Every model key of `cfg` equals the source run's, except the keys the family lets grow."""
+def _comparable(cfg, source) -> tuple[dict, dict]:
+  """The flat model keys to compare. ParScale recycles a run of its base family: that run is compared with the
+  base model; from another ParScale run every key but freeze_base must match."""
   src, dst = flatten(source.model.to_dict()), flatten(cfg.model.to_dict())
+  if dst.get("family") == "parscale" and src.get("family") == dst.get("parscale.base"):
+    dst = flatten(parscale.base_config(cfg.model).to_dict())
+  elif dst.get("family") == "parscale":
+    src.pop("parscale.freeze_base", None)
+    dst.pop("parscale.freeze_base", None)
+  return src, dst
+
+
+def check_compatible(cfg, source) -> None:
+  """Every model key of `cfg` equals the source run's, except the keys the family lets grow (a ParScale run
+  compares its base model with a run of the base family)."""
+  src, dst = _comparable(cfg, source)
   if src.get("family") != dst.get("family"):
+    need = "the same family" if dst.get("family") != "parscale" else f"family {dst.get('parscale.base')!r} or parscale"
     raise ConfigError(f"config key init_from={cfg.init_from!r}: that run is family {src.get('family')!r} and this "
-                      f"config is {dst.get('family')!r}; init_from needs a run of the same family")
+                      f"config is {dst.get('family')!r}; init_from needs a run of {need}")
   growable = models.FAMILIES[dst["family"]].growable
   for key in sorted(set(src) | set(dst)):
     a, b = src.get(key, "<absent>"), dst.get(key, "<absent>")
@@ -86,8 +103,9 @@ def initial_state(cfg, source, program, mesh, fresh: dict) -> dict:
   if restored is None:
     raise ConfigError(f"config key init_from={run_dir!r}: no readable checkpoint in {ckpt_dir}")
   _, old, _ = restored
+  grow = parscale.recycle_params if cfg.model.family == "parscale" else grow_params
   try:
-    params = grow_params(old["params"], fresh["params"])
+    params = grow(old["params"], fresh["params"])
   except ValueError as e:
     raise ConfigError(f"config key init_from={run_dir!r}: {e}") from None
   params = jax.device_put(params, program.state_shardings["params"])

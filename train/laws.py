@@ -2,7 +2,8 @@
 the LR-annealing law of Tissue et al. Math and acceptance numbers: shared/specs/scaling_laws.md.
 
 Every fitter takes plain arrays and returns a dict of floats (plus `ci` where bootstrapped); `fit_csv` is the
-entry point for `scalezoo fit --csv` and turns bad input into one-line `ConfigError`s. Numerics live in
+entry point for `scalezoo fit --csv` (`fit_table` for rows already read) and turns bad input into one-line
+`ConfigError`s. Numerics live in
 `laws_fit.py`.
 """
 
@@ -21,12 +22,13 @@ from scipy.signal import lfilter
 
 from scalezoo.configs import ConfigError
 from scalezoo.train.laws_fit import (ChinchillaObjective, app_d2_grid, bootstrap_ci, huber, huber_grad, lbfgsb,
-                                     multistart_lbfgsb, newton_batch, percentile_ci, single_threaded_blas)
+                                     multistart_lbfgsb, newton_batch, parscale_solve, percentile_ci,
+                                     single_threaded_blas)
 
 __all__ = [
     "LAWS", "bootstrap_ci", "compute_optimal", "fit_annealing", "fit_chinchilla", "fit_csv", "fit_downstream",
-    "fit_overtrain", "fit_parscale", "isoflop_minima", "lr_areas", "predict_annealing", "predict_chinchilla",
-    "predict_downstream", "predict_overtrain", "predict_parscale",
+    "fit_overtrain", "fit_parscale", "fit_table", "isoflop_minima", "lr_areas", "parscale_multiplier",
+    "predict_annealing", "predict_chinchilla", "predict_downstream", "predict_overtrain", "predict_parscale",
 ]
 
 LAWS = ("chinchilla", "overtrain", "parscale", "downstream")
@@ -272,13 +274,20 @@ def _parscale_grid() -> np.ndarray:
 
 
 @single_threaded_blas()
-def fit_parscale(N, P, L, *, delta: float = 1e-3, grid=None) -> dict:
+def fit_parscale(N, P, L, *, delta: float = 1e-3, grid=None, bootstrap: int = 0, seed: int = 0,
+                 level: float = 0.95) -> dict:
   """Fit the ParScale law L = (A / (N (k ln P + 1)))^alpha + E (Chen et al. 2025), P = parallel streams.
 
   log L_hat = LSE(alpha (log A - log N - log(1 + k ln P)), log E); objective = sum of Huber_delta on log L;
   L-BFGS-B with the exact gradient from a small grid over (log A, k, alpha, log E) (or `grid` rows in that
-  order), k >= 0. A is reported in units of 1e9 parameters (N is passed in parameters).
-  Returns dict(A, k, alpha, E, objective, n_points).
+  order), k >= 0. A is reported in units of 1e9 parameters (N is passed in parameters, non-embedding ones in
+  the paper, the ParScale prefixes and aggregator included). The points must span at least two values of P:
+  with one P, k only rescales A and is not identified.
+
+  `bootstrap` > 0 adds `ci`: {A, k, alpha, E: (lo, hi)} percentile intervals at `level` from that many resamples
+  of the points (seeded by `seed`), each refitted from the best solution rather than the grid; resamples that
+  hold a single P cannot be fitted and are left out.
+  Returns dict(A, k, alpha, E, objective, n_points[, ci]).
   """
   N, P, L = _positive("N", N), _positive("P", P), _positive("L", L)
   if not len(N) == len(P) == len(L):
@@ -287,27 +296,31 @@ def fit_parscale(N, P, L, *, delta: float = 1e-3, grid=None) -> dict:
     raise ValueError("P (streams) must be >= 1")
   if len(L) < 4:
     raise ValueError(f"the ParScale law has 4 parameters; fit it on at least 4 points, got {len(L)}")
-  log_n, log_p, log_l = np.log(N / _PARSCALE_UNIT), np.log(P), np.log(L)
-  scale = 1.0 / delta
+  if len(np.unique(P)) < 2:
+    raise ValueError(f"every point has P = {P[0]:g} streams, so k (the gain per ln P) is not identified; "
+                     f"fit points at two or more P (sweep model.parscale.streams)")
+  starts = _parscale_grid() if grid is None else np.atleast_2d(np.asarray(grid, dtype=float))
+  theta, objective = parscale_solve(N, P, L, delta, starts, _PARSCALE_UNIT)
+  out = _parscale_params(theta)
+  out.update(objective=objective, n_points=len(L))
+  if bootstrap > 0:
+    def refit(n, p, l):
+      if len(np.unique(p)) < 2:
+        raise ValueError("a resample with a single P does not identify k")
+      # One start at the full-data optimum: a resample's optimum lies close by, and the grid costs 20x more.
+      return _parscale_params(parscale_solve(n, p, l, delta, theta[None], _PARSCALE_UNIT)[0])
+    out["ci"] = bootstrap_ci(refit, N, P, L, n=bootstrap, seed=seed, level=level, keys=("A", "k", "alpha", "E"))
+  return out
 
-  def fun_grad(theta):
-    a, k, alpha, e = theta
-    u = 1.0 + k * log_p
-    base = a - log_n - np.log(u)
-    z1, z2 = alpha * base, np.full_like(base, e)
-    zmax = np.maximum(z1, z2)
-    w1, w2 = np.exp(z1 - zmax), np.exp(z2 - zmax)
-    r = zmax + np.log(w1 + w2) - log_l
-    w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
-    g = huber_grad(r, delta)
-    grad = np.array([(g * w1 * alpha).sum(), -(g * w1 * alpha * log_p / u).sum(), (g * w1 * base).sum(),
-                     (g * w2).sum()])
-    return huber(r, delta).sum() * scale, grad * scale
 
-  starts = _parscale_grid() if grid is None else np.asarray(grid, dtype=float)
-  theta, f = multistart_lbfgsb(fun_grad, starts, bounds=[(None, None), (0.0, None), (1e-4, None), (None, None)])
+def _parscale_params(theta) -> dict:
   a, k, alpha, e = (float(v) for v in theta)
-  return dict(A=math.exp(a), k=k, alpha=alpha, E=math.exp(e), objective=f / scale, n_points=len(L))
+  return dict(A=math.exp(a), k=k, alpha=alpha, E=math.exp(e))
+
+
+def parscale_multiplier(fit: Mapping, P):
+  """k ln P + 1: how many times the parameters a single-stream model needs to match P streams, by the fit."""
+  return fit["k"] * np.log(np.asarray(P, dtype=float)) + 1.0
 
 
 def predict_parscale(fit: Mapping, N, P):
@@ -401,9 +414,55 @@ def fit_csv(path: str, law: str, **kw) -> dict:
 
   Columns: params, tokens, loss (chinchilla, overtrain); params, streams, loss (parscale); loss, error
   (downstream); other columns are ignored. `kw` goes to the fitter as keyword options (e.g. bootstrap=200 for
-  chinchilla). The result holds the law, the fitted parameters, the objective (or rms) and n_points. A missing
-  file, missing column, bad value, unknown law or option, or too few rows raises `ConfigError` with one line.
+  chinchilla and parscale). The result holds the law, the fitted parameters, the objective (or rms) and n_points.
+  A missing file, missing column, bad value, unknown law or option, or too few rows raises `ConfigError` with one
+  line.
   """
+  _law_fitter(law, kw)
+  if not os.path.isfile(path):
+    raise ConfigError(f"--csv {path}: no such file; pass a CSV with columns {','.join(_CSV_LAWS[law][1])}")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+  return fit_table(header, rows, law, source=f"--csv {path}", **kw)
+
+
+def fit_table(header: list[str], rows: list[Mapping], law: str, *, source: str, labels: list[str] | None = None,
+              **kw) -> dict:
+  """`fit_csv` on rows already read: `header` names the columns, `rows` map column -> text or number.
+
+  `source` starts every error line (e.g. "--workdir runs/s"); `labels` name the rows in errors (default: their
+  CSV line numbers).
+  """
+  fitter, columns, min_rows = _law_fitter(law, kw)
+  missing = [c for c in columns if c not in header]
+  if missing:
+    raise ConfigError(f"{source}: missing column(s) {', '.join(missing)} for --law {law}; "
+                      f"need {','.join(columns)} (found {','.join(header) or 'no header'})")
+  if len(rows) < min_rows:
+    raise ConfigError(f"{source}: {len(rows)} data rows; --law {law} needs at least {min_rows}")
+  labels = labels or [f"line {i + 2}" for i in range(len(rows))]
+  cols = {}
+  for name in columns:
+    try:
+      cols[name] = np.array([float(r[name]) for r in rows])
+    except (TypeError, ValueError):
+      raise ConfigError(f"{source}: column {name} has a non-numeric or empty value") from None
+    # Error rates may be zero; every other column feeds a logarithm or a power.
+    bad = ~np.isfinite(cols[name]) | ((cols[name] <= 0) if name != "error" else False)
+    if np.any(bad):
+      raise ConfigError(f"{source}: column {name}, {labels[int(np.argmax(bad))]}: "
+                        f"{'not a finite number' if name == 'error' else 'not a finite positive number'}")
+  try:
+    result = fitter(*(cols[c] for c in columns), **kw)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"{source}: --law {law} fit failed: {e}") from None
+  return jsonable(dict(law=law, **result))
+
+
+def _law_fitter(law: str, kw: Mapping) -> tuple:
+  """(fitter, columns, minimum rows) of `law`, after checking the law and the fitter options in `kw`."""
   if law not in _CSV_LAWS:
     raise ConfigError(f"--law {law!r}: unknown law; choose one of {', '.join(LAWS)}")
   fitter, columns, min_rows = _CSV_LAWS[law]
@@ -411,34 +470,7 @@ def fit_csv(path: str, law: str, **kw) -> dict:
   unknown = sorted(set(kw) - set(options))
   if unknown:
     raise ConfigError(f"--law {law}: unknown option(s) {', '.join(unknown)}; options: {', '.join(options) or 'none'}")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--csv {path}: no such file; pass a CSV with columns {','.join(columns)}")
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-  missing = [c for c in columns if c not in header]
-  if missing:
-    raise ConfigError(f"--csv {path}: missing column(s) {', '.join(missing)} for --law {law}; "
-                      f"need {','.join(columns)} (found {','.join(header) or 'no header'})")
-  if len(rows) < min_rows:
-    raise ConfigError(f"--csv {path}: {len(rows)} data rows; --law {law} needs at least {min_rows}")
-  cols = {}
-  for name in columns:
-    try:
-      cols[name] = np.array([float(r[name]) for r in rows])
-    except (TypeError, ValueError):
-      raise ConfigError(f"--csv {path}: column {name} has a non-numeric or empty value") from None
-    # Error rates may be zero; every other column feeds a logarithm or a power.
-    bad = ~np.isfinite(cols[name]) | ((cols[name] <= 0) if name != "error" else False)
-    if np.any(bad):
-      raise ConfigError(f"--csv {path}: column {name}, line {int(np.argmax(bad)) + 2}: "
-                        f"{'not a finite number' if name == 'error' else 'not a finite positive number'}")
-  try:
-    result = fitter(*(cols[c] for c in columns), **kw)
-  except (ValueError, RuntimeError) as e:
-    raise ConfigError(f"--csv {path}: --law {law} fit failed: {e}") from None
-  return jsonable(dict(law=law, **result))
+  return fitter, columns, min_rows
 
 
 def jsonable(value):

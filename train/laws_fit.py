@@ -1,6 +1,6 @@
 """Numerical machinery behind `scalezoo.train.laws`: the Huber loss, the Chinchilla log-sum-exp objective with
-exact gradient and Hessian batched over many starts, a damped-Newton pass over a whole start grid, and an
-L-BFGS-B multi-start wrapper. Pure numpy/scipy; no JAX.
+exact gradient and Hessian batched over many starts, a damped-Newton pass over a whole start grid, an L-BFGS-B
+multi-start wrapper, the ParScale objective and a generic bootstrap. Pure numpy/scipy; no JAX.
 
 Chinchilla parameters are packed as theta = (a, alpha, b, beta, e) with A = e^a, B = e^b, E = e^e, and the model
 is log L = LSE(a - alpha log N, b - beta log D, e).
@@ -236,6 +236,33 @@ def multistart_lbfgsb(fun_grad: Callable, starts: np.ndarray, *, bounds=None, n_
   if best_x is None:
     raise RuntimeError("every start of the fit gave a non-finite objective; check the data for zeros or NaNs")
   return best_x, best_f
+
+
+def parscale_solve(N, P, L, delta: float, starts: np.ndarray, unit: float = 1e9) -> tuple[np.ndarray, float]:
+  """The ParScale objective's best L-BFGS-B end point from `starts`: (theta, objective).
+
+  theta = (log A, k, alpha, log E) with A in units of `unit` parameters; the objective is the sum over points of
+  Huber_delta(log L_hat - log L), log L_hat = LSE(alpha (log A - log(N/unit) - log(1 + k ln P)), log E).
+  """
+  log_n, log_p, log_l = np.log(N / unit), np.log(P), np.log(L)
+  scale = 1.0 / delta
+
+  def fun_grad(theta):
+    a, k, alpha, e = theta
+    u = 1.0 + k * log_p
+    base = a - log_n - np.log(u)
+    z1, z2 = alpha * base, np.full_like(base, e)
+    zmax = np.maximum(z1, z2)
+    w1, w2 = np.exp(z1 - zmax), np.exp(z2 - zmax)
+    r = zmax + np.log(w1 + w2) - log_l
+    w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
+    g = huber_grad(r, delta)
+    grad = np.array([(g * w1 * alpha).sum(), -(g * w1 * alpha * log_p / u).sum(), (g * w1 * base).sum(),
+                     (g * w2).sum()])
+    return huber(r, delta).sum() * scale, grad * scale
+
+  theta, f = multistart_lbfgsb(fun_grad, starts, bounds=[(None, None), (0.0, None), (1e-4, None), (None, None)])
+  return theta, f / scale
 
 
 def bootstrap_ci(fit: Callable[..., dict], *arrays, n: int = 100, seed: int = 0, level: float = 0.95,

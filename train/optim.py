@@ -201,19 +201,36 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(train_cfg, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def zero_frozen(frozen) -> optax.GradientTransformation:
+  """Replaces the gradients of `frozen` parameters (a static tree of bools like the params) with zeros."""
+  flags = jax.tree.leaves(frozen)
+
+  def update(updates, state, params=None):
+    leaves, treedef = jax.tree.flatten(updates)
+    return jax.tree.unflatten(treedef, [jnp.zeros_like(u) if f else u for u, f in zip(leaves, flags)]), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(train_cfg, params, frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer for `params` (an nnx.State of Params: decay mask, muP groups, width) and its schedule.
 
   With train.mup the whole AdamW update, decoupled weight decay included (as in torch AdamW with per-group lr),
   of every hidden matrix is scaled by train.mup_base_width / width. The logits multiplier and attention scale
   of muP live in the model (models.build(..., mup_base_width=...)).
+  `frozen` (a tree of bools like `params`, or None) marks parameters that never change: their gradients are zeroed
+  before clipping, so Adam's moments and update stay exactly zero, and they get no weight decay.
   """
   schedule = make_schedule(train_cfg)
   parts = []
+  decay = decay_mask(params)
+  if frozen is not None:
+    parts.append(zero_frozen(frozen))
+    decay = jax.tree.map(lambda d, f: d and not f, decay, frozen)
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                           weight_decay=train_cfg.weight_decay, mask=decay_mask(params)))
+                           weight_decay=train_cfg.weight_decay, mask=decay))
   if train_cfg.get("mup", False):
     parts.append(scale_by_tree(mup_lr_multipliers(params, train_cfg.mup_base_width)))
   return optax.chain(*parts), schedule

@@ -24,7 +24,10 @@ MIN_POINTS_FOR_FIT = 5  # the Chinchilla law has 5 parameters
 
 
 def read_results(sweep_dir: str) -> list[dict]:
-  """Completed rows of results.csv with numeric fields as floats."""
+  """Completed rows of results.csv with numeric fields as floats and `streams` (ParScale's P) as an int.
+
+  `streams` is 1 where the column is missing or empty: results written before it existed, or non-ParScale runs.
+  """
   path = os.path.join(sweep_dir, "results.csv")
   with open(path) as f:
     rows = list(csv.DictReader(f))
@@ -33,8 +36,9 @@ def read_results(sweep_dir: str) -> list[dict]:
     if r.get("status") != "completed":
       continue
     row = dict(r)
-    for k in ("params", "tokens", "compute", "eval_loss", "loss", "flops_per_token"):
+    for k in ("params", "non_embedding_params", "tokens", "compute", "eval_loss", "loss", "flops_per_token"):
       row[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+    row["streams"] = int(float(r["streams"])) if r.get("streams") not in (None, "") else 1
     out.append(row)
   return out
 
@@ -124,7 +128,7 @@ def _sweep_json(sweep_dir: str) -> dict:
 
 
 def _sweep_report_kind(sweep_dir: str) -> str:
-  """The sweep config's `report` key: "recall" (recall vs ratio), "progressive" (growth vs scratch), else ""."""
+  """The sweep config's `report` key: "recall", "progressive", "parscale" (see `write_report`), else ""."""
   return str(_sweep_json(sweep_dir).get("report", "") or "")
 
 
@@ -179,10 +183,13 @@ def _write_recall_report(sweep_dir: str, rows: list[dict]) -> dict:
   return written
 
 
-def write_report(sweep_dir: str, *, bootstrap: int = 50) -> dict:
+def write_report(sweep_dir: str, *, bootstrap: int | None = None) -> dict:
   """Fits, plots and writes report.md and fit.json in `sweep_dir`; returns {name: path} of what it wrote.
 
-  A sweep whose config sets `report = "recall"` gets the recall-vs-ratio plot and table instead of a law fit.
+  A sweep whose config sets `report = "recall"` gets the recall-vs-ratio plot and table instead of a law fit;
+  `report = "progressive"` the growth-vs-scratch report (report_growth.py); `report = "parscale"` the ParScale
+  law's fit over streams and sizes (report_parscale.py). `bootstrap` resamples for the fit's intervals (default:
+  50 for the Chinchilla fit, 200 for ParScale's).
   """
   rows = read_results(sweep_dir)
   if not rows:
@@ -193,7 +200,10 @@ def write_report(sweep_dir: str, *, bootstrap: int = 50) -> dict:
   if kind == "progressive":
     from scalezoo.train.report_growth import write_growth_report
     return write_growth_report(sweep_dir, rows, baseline=str(_sweep_json(sweep_dir).get("baseline", "")))
-  fit = fit_sweep(rows, bootstrap=bootstrap)
+  if kind == "parscale":
+    from scalezoo.train.report_parscale import write_parscale_report
+    return write_parscale_report(sweep_dir, rows, **({} if bootstrap is None else {"bootstrap": bootstrap}))
+  fit = fit_sweep(rows, bootstrap=50 if bootstrap is None else bootstrap)
   written = {"loss_curves": plot_loss_curves(sweep_dir, rows), "loss_vs_compute": plot_loss_vs_compute(
       sweep_dir, rows, fit)}
   iso_rows = [dict(params=r["params"], tokens=r["tokens"], loss=r["eval_loss"]) for r in rows]
@@ -242,7 +252,12 @@ def _write_markdown(sweep_dir, rows, fit, minima, written) -> str:
   if minima:
     lines += ["", "## IsoFLOP minima (approach 2)", "", "| C | N_opt | D_opt | min loss |", "|---|---|---|---|"]
     lines += [f"| {m['C']:.3g} | {m['N_opt']:.3g} | {m['D_opt']:.3g} | {m['L_min']:.4f} |" for m in minima]
-  lines += ["", "## Plots", ""]
+  return write_markdown(sweep_dir, lines, written)
+
+
+def write_markdown(sweep_dir: str, lines: list[str], written: dict) -> str:
+  """report.md of `sweep_dir`: `lines`, then a Plots section linking every PNG in `written`; returns its path."""
+  lines = lines + ["", "## Plots", ""]
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in written.items() if v.endswith(".png")]
   out = os.path.join(sweep_dir, "report.md")
   with open(out, "w") as f:

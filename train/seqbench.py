@@ -30,7 +30,7 @@ from flax import nnx
 
 from scalezoo.configs import ConfigError
 from scalezoo.models.generate import decode_fns
-from scalezoo.train.bench import WARMUP_STEPS, _xla_status
+from scalezoo.train.bench import WARMUP_STEPS, _xla_status, memory_analysis
 from scalezoo.train.sharding import MESH_AXES, make_mesh
 from scalezoo.train.step import make_program
 from scalezoo.train.validate import validate
@@ -39,7 +39,8 @@ COLUMNS = ("config", "seq_len", "status", "train_tokens_per_s", "train_vs_ref", 
            "decode_vs_ref", "cache_mib", "reason")
 
 
-def _one_device(cfg, seq_len: int, batch: int):
+def one_device_config(cfg, seq_len: int, batch: int):
+  """A copy of `cfg` on a one-device mesh, with `batch` sequences of `seq_len` tokens per step."""
   c = copy.deepcopy(cfg)
   c.mesh.update(dict(dict.fromkeys(MESH_AXES, 1), preset="", **{f"dcn_{a}": 1 for a in MESH_AXES}))
   c.train.update(dict(seq_len=seq_len, batch_size=batch, microbatches=1))
@@ -56,9 +57,56 @@ def _timed(fn, n: int) -> float:
   return (time.perf_counter() - t0) / n
 
 
+def tree_bytes(tree) -> int:
+  """Bytes held by the arrays of a pytree (or by arrays described by ShapeDtypeStructs)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class DecodeTimer:
+  """One model's decoding on one device, ready to time token by token.
+
+  The constructor makes zero caches of `max_len` positions, prefills `prompt_bt` [B, L] (once to compile, once
+  timed: `prefill_s`) and compiles the one-token step ahead of time, so the bytes it needs beyond the model
+  state and the cache, `step_bytes` (None where the backend has no memory analysis), are known before it runs.
+  `step()` decodes `next_b1` [B, 1] once and returns its seconds; `restart()` prefills a fresh cache, so
+  warm-up steps need not use up the positions of the timed ones.
+  """
+
+  def __init__(self, model, prompt_bt, next_b1, max_len: int):
+    self.state, self.fns = nnx.state(model), decode_fns(model)
+    self.prompt_bt, self.next_b1, self.max_len = prompt_bt, next_b1, max_len
+    self.state_bytes = tree_bytes(self.state)
+    cache = self.fns.init_cache(self.state, prompt_bt.shape[0], max_len)
+    self.cache_bytes = tree_bytes(cache)
+    jax.block_until_ready(self.fns.prefill(self.state, prompt_bt, cache))  # compiles; the cache is not donated here
+    t0 = time.perf_counter()
+    logits, self.cache = self.fns.prefill(self.state, prompt_bt, cache)
+    jax.block_until_ready(logits)
+    self.prefill_s = time.perf_counter() - t0
+    self.compiled_step = self.fns.step.lower(self.state, next_b1, self.cache).compile()
+    m = memory_analysis(self.compiled_step)
+    # Arguments aside (jit drops those the step never reads, so they are not the state plus the cache): the
+    # temporaries and the outputs that do not reuse the donated cache's buffers, i.e. the logits.
+    self.step_bytes = None if m is None else int(m.temp_size_in_bytes + m.output_size_in_bytes
+                                                 - m.alias_size_in_bytes)
+
+  def step(self) -> float:
+    """One timed token: seconds from dispatch until its logits are ready."""
+    t0 = time.perf_counter()
+    logits, self.cache = self.compiled_step(self.state, self.next_b1, self.cache)
+    jax.block_until_ready(logits)
+    return time.perf_counter() - t0
+
+  def restart(self) -> None:
+    """A fresh cache holding only the prefilled prompt (a linear layer's state must restart from zero too)."""
+    cache = self.fns.init_cache(self.state, self.prompt_bt.shape[0], self.max_len)
+    logits, self.cache = self.fns.prefill(self.state, self.prompt_bt, cache)
+    jax.block_until_ready(logits)
+
+
 def bench_one(cfg, seq_len: int, *, batch: int, steps: int, decode_tokens: int) -> dict:
   """One (config, length) row: training tokens/s, prefill seconds, decode ms/token and cache MiB."""
-  c = _one_device(cfg, seq_len, batch)
+  c = one_device_config(cfg, seq_len, batch)
   row = dict(seq_len=seq_len, status="ok", reason="")
   mesh = make_mesh(c.mesh, jax.devices()[:1])
   try:
@@ -77,27 +125,13 @@ def bench_one(cfg, seq_len: int, *, batch: int, steps: int, decode_tokens: int) 
       row["train_tokens_per_s"] = batch * seq_len / _timed(train_step, steps)
 
       model = nnx.merge(program.graphdef, holder["state"]["params"], holder["state"]["rest"])
-      model_state, fns = nnx.state(model), decode_fns(model)
-      cache = fns.init_cache(model_state, batch, seq_len + decode_tokens + 1)
-      row["cache_mib"] = sum(x.nbytes for x in jax.tree.leaves(cache)) / 2 ** 20
-      prompt = batch_bt[:, :seq_len]
-      jax.block_until_ready(fns.prefill(model_state, prompt, cache))  # compiles; the cache is not donated here
-      t0 = time.perf_counter()
-      logits, cache = fns.prefill(model_state, prompt, cache)
-      jax.block_until_ready(logits)
-      row["prefill_s"] = time.perf_counter() - t0
-      tok = batch_bt[:, seq_len:seq_len + 1]
-      logits, cache = fns.step(model_state, tok, cache)  # compiles the one-token step
-      jax.block_until_ready(logits)
+      timer = DecodeTimer(model, batch_bt[:, :seq_len], batch_bt[:, seq_len:seq_len + 1],
+                          seq_len + decode_tokens + 1)
+      row["cache_mib"], row["prefill_s"] = timer.cache_bytes / 2 ** 20, timer.prefill_s
+      timer.step()  # the compiled step's first run, untimed
       # Each step timed on its own, blocked on, and the median kept: one token costs about a millisecond at small
       # sizes, where a mean is at the mercy of one descheduled step.
-      times = []
-      for _ in range(decode_tokens):
-        t0 = time.perf_counter()
-        logits, cache = fns.step(model_state, tok, cache)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t0)
-      row["decode_ms_per_token"] = 1e3 * float(np.median(times))
+      row["decode_ms_per_token"] = 1e3 * float(np.median([timer.step() for _ in range(decode_tokens)]))
   except ConfigError:
     raise
   except Exception as e:  # noqa: BLE001 - a failing length is a row, not a crash
@@ -152,7 +186,7 @@ def seqbench(configs: list[tuple[str, object]], seq_lens: list[int], *, batch: i
     if value < 1:
       raise ConfigError(f"{name} {value}: must be >= 1")
   for label, cfg in configs:  # every config error is one line before anything runs
-    validate(_one_device(cfg, max(seq_lens), batch), 1)
+    validate(one_device_config(cfg, max(seq_lens), batch), 1)
   meta = dict(configs=[label for label, _ in configs], device_kind=jax.devices()[0].device_kind, batch=batch,
               steps=steps, decode_tokens=decode_tokens, jax=jax.__version__)
   print(format_row(), file=out, flush=True)

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from scalezoo import models
+from scalezoo.models import parscale
 from scalezoo.models.layers import axis_rules
 from scalezoo.train import data as data_lib
 from scalezoo.train import sharding
@@ -109,7 +110,7 @@ def make_program(cfg, mesh: jax.sharding.Mesh) -> TrainProgram:
   """Builds the abstract model, derives every sharding from logical axes, and jits the steps."""
   rules = sharding.parse_rules(cfg.mesh.rules)
   graphdef, abs_params, abs_rest = abstract_split(cfg)
-  tx, schedule = make_optimizer(cfg.train, abs_params)
+  tx, schedule = make_optimizer(cfg.train, abs_params, frozen=parscale.frozen_mask(abs_params, cfg.model))
   param_specs = sharding.state_specs(abs_params, mesh, rules, strict=True)
   rest_specs = sharding.state_specs(abs_rest, mesh, rules)
   opt_specs = sharding.opt_state_specs(tx, jax.eval_shape(tx.init, abs_params), param_specs)

@@ -46,7 +46,7 @@ from scalezoo.configs import ConfigError, apply_overrides, load
 from scalezoo.train.metrics import read_summary
 from scalezoo.train.validate import validate
 
-RESULT_FIELDS = ("name", "status", "params", "active_params", "non_embedding_params", "flops_per_token",
+RESULT_FIELDS = ("name", "status", "params", "active_params", "non_embedding_params", "streams", "flops_per_token",
                  "tokens", "compute", "steps", "loss", "eval_loss", "eval_bpb", "eval_recall", "tokens_per_s", "mfu",
                  "wall_s", "error")
 
@@ -162,7 +162,9 @@ def _row(name: str, summary: dict | None, error: str = "") -> dict:
   row.update(name=name, status="failed" if error else (summary or {}).get("status", ""), error=error)
   if summary:
     row.update(params=summary["params"], active_params=summary["params_active"],
-               non_embedding_params=summary["params_non_embedding"], flops_per_token=summary["flops_per_token"],
+               non_embedding_params=summary["params_non_embedding"],
+               streams=summary.get("streams", 1),  # ParScale's parallel streams P; every other model has one
+               flops_per_token=summary["flops_per_token"],
                tokens=summary["tokens"], compute=summary["flops_per_token"] * summary["tokens"],
                steps=summary["steps"], loss=summary["loss"], eval_loss=summary["eval_loss"],
                eval_bpb=summary["eval_bpb"], eval_recall=summary.get("eval_recall", ""),  # mqar runs only

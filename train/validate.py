@@ -41,6 +41,14 @@ def _check_known_keys(cfg) -> None:
 def validate_model(m) -> None:
   """Checks the keys every decoder family shares."""
   _require(m.get("family") in FAMILIES, "model.family", m.get("family"), f"known families: {', '.join(FAMILIES)}")
+  if m.family == "parscale":  # the ParScale keys, then the wrapped family's own
+    from scalezoo.models import parscale
+    try:
+      parscale.check_config(m)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    validate_model(parscale.base_config(m))
+    return
   keys = FAMILIES[m.family].keys
   unknown = sorted(set(m.keys()) - keys)
   if unknown:

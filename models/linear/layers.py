@@ -7,6 +7,8 @@ Every mixer has the decoder's interface:
   init_cache(batch, max_len) -> dict                               zero state (float32) and conv caches
   step(x_btd, positions_bt, cache, *, context=None) -> (y, cache)  continues from `cache`; T == 1 runs the
                                                                    recurrent op, T > 1 the chunked one
+  stream_params(streams, rngs) -> StreamState                      ParScale: a learnable initial state per
+                                                                   stream, passed back as `streams=`
 `context` is the layer's lower bound lb_d (float32 [width]) for the mixers with `takes_context = True` (HGRN,
 HGRN-2) and is ignored by the others. The recurrent state is constant in sequence length, so `max_len` is unused.
 
@@ -22,6 +24,7 @@ from flax import nnx
 
 from scalezoo.models.layers import Linear, RMSNorm, constrain, param, rope
 from scalezoo.models.linear import ops
+from scalezoo.models.streams import Streams, StreamState
 
 __all__ = ["LINEAR_MIXERS", "mixer_dims", "make_linear_mixer", "mixer_param_count", "mixer_matmul_params",
            "mixer_op_flops", "LowerBound", "RetNetMixer", "GLAMixer", "HGRNMixer", "HGRN2Mixer"]
@@ -81,7 +84,7 @@ class LinearMixer(nnx.Module):
   def _setup(self, width: int, heads: int, key_dim: int, value_dim: int, chunk_size: int, compute_dtype,
              param_dtype, rngs: nnx.Rngs):
     self.width, self.heads, self.key_dim, self.value_dim = width, heads, key_dim, value_dim
-    self.chunk_size, self.compute_dtype = chunk_size, compute_dtype
+    self.chunk_size, self.compute_dtype, self.param_dtype = chunk_size, compute_dtype, param_dtype
     # Not kept on the module: an Rngs attribute would become part of the module's state.
     return dict(rngs=rngs, init=INIT, compute_dtype=compute_dtype, param_dtype=param_dtype)
 
@@ -107,23 +110,33 @@ class LinearMixer(nnx.Module):
     y, new_convs[name] = getattr(self, name)(x, None if convs is None else convs[name])
     return y
 
-  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, context: jax.Array | None = None) -> jax.Array:
-    """Training form: the chunked op from a zero state."""
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, *, context: jax.Array | None = None,
+               streams: StreamState | None = None) -> jax.Array:
+    """Training form: the chunked op from a zero state, or from each row's ParScale `streams` initial state."""
     inputs, gate, _ = self._inputs(x_btd, positions_bt, None, context)
-    o, _ = self._mix(inputs, None, recurrent=False)
+    state = None if streams is None else streams.rows(x_btd.shape[0])
+    o, _ = self._mix(inputs, state, recurrent=False)
     return self._output(o, gate)
 
-  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """The start-of-sequence cache: float32 zero state and zero conv caches; `max_len` is unused."""
+  def stream_params(self, streams: Streams, rngs: nnx.Rngs) -> StreamState:
+    """ParScale for a linear layer: a learnable initial state per stream instead of a KV prefix."""
+    return StreamState(streams, self._state_shape(1)[1:], rngs=rngs, param_dtype=self.param_dtype)
+
+  def init_cache(self, batch: int, max_len: int, *, streams: StreamState | None = None) -> dict[str, jax.Array]:
+    """The start-of-sequence cache: the float32 state (zero, or the `streams` initial states) and zero conv
+    caches; `max_len` is unused."""
     del max_len
-    cache = {"state": jnp.zeros(self._state_shape(batch), jnp.float32)}
+    state = jnp.zeros(self._state_shape(batch), jnp.float32) if streams is None else streams.rows(batch)
+    cache = {"state": state}
     for name in self.conv_names:
       cache[name] = getattr(self, name).init_cache(batch, self.compute_dtype)
     return cache
 
   def step(self, x_btd: jax.Array, positions_bt: jax.Array, cache: dict[str, jax.Array], *,
-           context: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Continues from `cache` over T >= 1 new tokens (prefill is a step from `init_cache`)."""
+           context: jax.Array | None = None, streams: StreamState | None = None) -> tuple[jax.Array, dict]:
+    """Continues from `cache` over T >= 1 new tokens (prefill is a step from `init_cache`, which holds the
+    `streams` initial states)."""
+    del streams
     convs = {name: cache[name] for name in self.conv_names}
     inputs, gate, new_convs = self._inputs(x_btd, positions_bt, convs, context)
     o, state = self._mix(inputs, cache["state"], recurrent=x_btd.shape[1] == 1)
