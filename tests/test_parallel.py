@@ -73,7 +73,8 @@ def test_dcn_axes_multiply_slice_sizes():
 @pytest.mark.parametrize("family", sorted(models.FAMILIES))
 def test_every_family_same_loss_under_every_preset(family):
   """Two steps under each preset that applies equal one device (ep only for families with experts)."""
-  cfg = configs.load(f"{family}:tiny")
+  # ParScale wraps another family: two streams over dense:tiny, with short prefixes.
+  cfg = configs.load("parscale:dense:tiny,streams=2,prefix_len=4" if family == "parscale" else f"{family}:tiny")
   cfg.train.update(tiny_cfg().train.to_dict())
   batches = train_batches(cfg, 2)
   _, ref, _ = _run_steps(cfg, ONE_DEVICE, batches)
@@ -92,11 +93,16 @@ def test_every_family_same_loss_under_every_preset(family):
     # Gated DeltaNet 3:1: fsdp_tp shards the batch and weights over fsdp and the linear heads over tensor, the
     # layouts dp and fsdp alone only subset.
     presets = dict(fsdp_tp=dict(tensor=2))
+  if family == "parscale":
+    # fsdp_tp splits the stream-major batch over fsdp and the prefixes by kv head over tensor.
+    presets = dict(fsdp_tp=dict(tensor=2))
   for preset, extra in presets.items():
     c = copy.deepcopy(cfg)
     c.mesh.update(dict(preset=preset, **extra))
-    _, losses, _ = _run_steps(c, jax.devices(), batches)
+    _, losses, state = _run_steps(c, jax.devices(), batches)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=preset)
+    if family == "parscale":  # [layers, streams, prefix_len, kv_heads, head_dim]
+      assert state["params"]["layers"]["blocks"][0]["parscale"]["k"].sharding.spec[3] == "tensor"
 
 
 def test_axis_that_does_not_divide_a_parameter_is_one_line(tmp_path, capsys):

@@ -5,7 +5,6 @@ Each comparison runs one jitted function per model config, so the invariants sha
 
 from __future__ import annotations
 
-import copy
 import json
 
 import jax
@@ -29,7 +28,7 @@ from scalezoo.train.validate import validate
 from tests.test_hybrid import _forward_and_decode, built, tokens
 from tests.test_registry import xla_flops_per_token
 from tests.test_tokenformer import abstract_params
-from tests.test_trainer import ONE_DEVICE, _run_steps, tiny_cfg, train_batches
+from tests.test_trainer import ONE_DEVICE, tiny_cfg, train_batches
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -283,24 +282,7 @@ def test_init_from_another_model_is_one_line(tmp_path, source, needle):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sharding and config
-
-
-def test_sharded_equals_single_device():
-  """Two train steps of a 2-stream model on fsdp=4 x tensor=2 give one device's losses; prefixes split by kv head."""
-  cfg = configs.load("parscale:dense:tiny,streams=2,prefix_len=4")
-  cfg.train.update(tiny_cfg().train.to_dict())
-  cfg.checkpoint.every = 0
-  batches = train_batches(cfg, 2)
-  _, ref, _ = _run_steps(cfg, ONE_DEVICE, batches)
-  c = copy.deepcopy(cfg)
-  c.mesh.update(dict(data=1, fsdp=4, tensor=2))
-  validate(c, 8)
-  _, losses, state = _run_steps(c, jax.devices(), batches)
-  np.testing.assert_allclose(losses, ref, rtol=1e-5)
-  prefix = state["params"]["layers"]["blocks"][0]["parscale"]["k"]
-  assert prefix.sharding.spec[3] == "tensor", prefix.sharding.spec  # [layers, streams, T_p, kv_heads, head_dim]
-  assert ref[1] != ref[0]
+# config (sharded == single device: tests/test_parallel.py runs this family under fsdp_tp)
 
 
 BAD = [("streams", 0, "model.parscale.streams=0"), ("base", "parscale", "model.parscale.base='parscale'"),
