@@ -76,14 +76,9 @@ def streams_of(cfg) -> Streams:
 def _build(cfg, *, rngs, compute_dtype, param_dtype, scan_layers, remat, mup_base_width: int = 0):
   check_config(cfg)
   base = base_config(cfg)
-  family = registry.family_of(base)
-  options = {}
-  if mup_base_width:
-    if "mup_base_width" not in inspect.signature(family.build).parameters:
-      raise ValueError(f"model family {base.family!r} does not support muP (train.mup)")
-    options["mup_base_width"] = mup_base_width
-  return family.build(base, rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype,
-                      scan_layers=scan_layers, remat=remat, streams=streams_of(cfg), **options)
+  return registry.family_of(base).build(base, rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype,
+                                        scan_layers=scan_layers, remat=remat, streams=streams_of(cfg),
+                                        **registry.mup_options(base, mup_base_width))
 
 
 def _layers(base) -> tuple[int, int, int]:

@@ -56,15 +56,17 @@ def build(cfg, *, rngs: nnx.Rngs, compute_dtype: str = "float32", param_dtype: s
   `mup_base_width` > 0 builds the muP forward pass (logits x base/width, attention 1/head_dim); the muP learning
   rates are the optimizer's (train.optim). 0 builds the standard parameterisation.
   """
-  family = family_of(cfg)
-  options = {}
-  if mup_base_width:
-    # Passed only when on, so families written before muP keep their builder signature.
-    if "mup_base_width" not in inspect.signature(family.build).parameters:
-      raise ValueError(f"model family {cfg.family!r} does not support muP (train.mup)")
-    options["mup_base_width"] = mup_base_width
-  return family.build(cfg, rngs=rngs, compute_dtype=DTYPES[compute_dtype], param_dtype=DTYPES[param_dtype],
-                      scan_layers=scan_layers, remat=remat, **options)
+  return family_of(cfg).build(cfg, rngs=rngs, compute_dtype=DTYPES[compute_dtype], param_dtype=DTYPES[param_dtype],
+                              scan_layers=scan_layers, remat=remat, **mup_options(cfg, mup_base_width))
+
+
+def mup_options(cfg, mup_base_width: int) -> dict:
+  """The builder keyword that turns muP on, {} when it is off; ValueError if the family has no muP."""
+  if not mup_base_width:
+    return {}  # passed only when on, so families written before muP keep their builder signature
+  if "mup_base_width" not in inspect.signature(family_of(cfg).build).parameters:
+    raise ValueError(f"model family {cfg.family!r} does not support muP (train.mup)")
+  return {"mup_base_width": mup_base_width}
 
 
 def param_counts(cfg) -> dict:

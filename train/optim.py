@@ -189,25 +189,18 @@ def mup_lr_multipliers(params, base_width: int):
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:
-  """Multiplies each update by its entry of a static tree of Python floats (same structure as the params)."""
+  """Multiplies each update by its entry of a static tree of Python floats (same structure as the params); an
+  entry of 0 gives exact zeros (frozen parameters), whatever the update held."""
   factors = jax.tree.leaves(multipliers)
 
-  def update(updates, state, params=None):
-    leaves, treedef = jax.tree.flatten(updates)
+  def scale(u, f):
     # Entries of 1 are left untouched, so parameters outside the scaled groups update bit-identically.
-    scaled = [u if f == 1.0 else u * jnp.asarray(f, u.dtype) for u, f in zip(leaves, factors)]
-    return jax.tree.unflatten(treedef, scaled), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def zero_frozen(frozen) -> optax.GradientTransformation:
-  """Replaces the gradients of `frozen` parameters (a static tree of bools like the params) with zeros."""
-  flags = jax.tree.leaves(frozen)
+    return u if f == 1.0 else jnp.zeros_like(u) if f == 0.0 else u * jnp.asarray(f, u.dtype)
 
   def update(updates, state, params=None):
     leaves, treedef = jax.tree.flatten(updates)
-    return jax.tree.unflatten(treedef, [jnp.zeros_like(u) if f else u for u, f in zip(leaves, flags)]), state
+    scaled = [scale(u, f) for u, f in zip(leaves, factors)]
+    return jax.tree.unflatten(treedef, scaled), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -225,7 +218,7 @@ def make_optimizer(train_cfg, params, frozen=None) -> tuple[optax.GradientTransf
   parts = []
   decay = decay_mask(params)
   if frozen is not None:
-    parts.append(zero_frozen(frozen))
+    parts.append(scale_by_tree(jax.tree.map(lambda f: 0.0 if f else 1.0, frozen)))
     decay = jax.tree.map(lambda d, f: d and not f, decay, frozen)
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
