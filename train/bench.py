@@ -9,11 +9,7 @@ on the result so asynchronous dispatch hides no device time. A failing mesh is a
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
-import os
 import sys
 import time
 
@@ -22,7 +18,7 @@ import numpy as np
 
 from scalezoo import models
 from scalezoo.configs import ConfigError
-from scalezoo.train.metrics import mfu, peak_flops_per_device
+from scalezoo.train.metrics import mfu, peak_flops_per_device, write_table
 from scalezoo.train.sharding import MESH_AXES, PRESETS, dcn_shape, make_mesh, mesh_shape, parse_rules
 from scalezoo.train.step import make_program
 from scalezoo.train.validate import validate, validate_platform
@@ -243,19 +239,10 @@ def fastest(rows: list[dict]) -> dict | None:
 
 def write_results(workdir: str, rows: list[dict], meta: dict) -> None:
   """bench.csv (CSV_COLUMNS, NaN as empty) and bench.json (meta + full rows, NaN as null), each atomically."""
-  os.makedirs(workdir, exist_ok=True)
   clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(CSV_COLUMNS)
-  w.writerows([("" if clean(r[k]) is None else r[k]) for k in CSV_COLUMNS] for r in rows)
   best = fastest(rows)
   doc = dict(meta, fastest=best["mesh"] if best else None, rows=[{k: clean(v) for k, v in r.items()} for r in rows])
-  for name, text in (("bench.csv", buf.getvalue()), ("bench.json", json.dumps(doc, indent=2) + "\n")):
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+  write_table(workdir, "bench", CSV_COLUMNS, rows, doc)
 
 
 def bench(cfg, meshes: str = "auto", *, steps: int = 10, preset: str = "", batch_auto: bool = False,

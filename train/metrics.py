@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -76,6 +78,21 @@ def write_json(path: str, obj: dict) -> None:
     json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def write_table(workdir: str, stem: str, columns, rows: list[dict], doc: dict) -> None:
+  """STEM.csv (`columns` of `rows`; None and non-finite numbers as empty cells) and STEM.json (`doc`, JSON-ready)
+  in `workdir`, each replaced atomically: the benchmarks' output files."""
+  os.makedirs(workdir, exist_ok=True)
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(columns)
+  w.writerows([("" if _clean(r.get(k)) is None else r[k]) for k in columns] for r in rows)
+  for name, text in ((f"{stem}.csv", buf.getvalue()), (f"{stem}.json", json.dumps(doc, indent=2) + "\n")):
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 class MetricsLog:

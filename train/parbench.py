@@ -20,8 +20,6 @@ latency). Rows are printed and, with `workdir`, written to parbench.csv / parben
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import os
@@ -35,7 +33,7 @@ from scalezoo import models
 from scalezoo.configs import ConfigError
 from scalezoo.models.registry import head_dim
 from scalezoo.train.bench import WARMUP_STEPS, _xla_status
-from scalezoo.train.metrics import write_json
+from scalezoo.train.metrics import write_table
 from scalezoo.train.seqbench import DecodeTimer, one_device_config
 from scalezoo.train.validate import validate
 
@@ -262,18 +260,9 @@ def summary_sentence(rows: list[dict], streams: int) -> str:
 def write_results(workdir: str, rows: list[dict], meta: dict) -> None:
   """parbench.csv (COLUMNS, one row per batch and model) and parbench.json (meta, rows, ratios), each replaced
   atomically."""
-  os.makedirs(workdir, exist_ok=True)
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(COLUMNS)
-  w.writerows([("" if r.get(k) is None else r[k]) for k in COLUMNS] for r in rows)
-  path = os.path.join(workdir, "parbench.csv")
-  with open(path + ".tmp", "w") as f:
-    f.write(buf.getvalue())
-  os.replace(path + ".tmp", path)
   ratios = [dict(batch=r["batch"], memory_ratio=r.get("memory_ratio"), latency_ratio=r.get("latency_ratio"))
             for r in rows if r["model"] == "dense"]
-  write_json(os.path.join(workdir, "parbench.json"), dict(meta, rows=rows, ratios=ratios))
+  write_table(workdir, "parbench", COLUMNS, rows, dict(meta, rows=rows, ratios=ratios))
 
 
 def check_arguments(batches: list[int], prompt_len: int, tokens: int) -> None:

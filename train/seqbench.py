@@ -16,11 +16,7 @@ Rows are printed as they finish and, with `workdir`, written to seqbench.csv / s
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
-import os
 import sys
 import time
 
@@ -31,6 +27,7 @@ from flax import nnx
 from scalezoo.configs import ConfigError
 from scalezoo.models.generate import decode_fns
 from scalezoo.train.bench import WARMUP_STEPS, _xla_status, memory_analysis
+from scalezoo.train.metrics import write_table
 from scalezoo.train.sharding import MESH_AXES, make_mesh
 from scalezoo.train.step import make_program
 from scalezoo.train.validate import validate
@@ -161,17 +158,7 @@ def format_row(row: dict | None = None) -> str:
 
 def write_results(workdir: str, rows: list[dict], meta: dict) -> None:
   """seqbench.csv and seqbench.json (meta + rows), each replaced atomically."""
-  os.makedirs(workdir, exist_ok=True)
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(COLUMNS)
-  w.writerows([("" if r.get(k) is None else r[k]) for k in COLUMNS] for r in rows)
-  doc = dict(meta, rows=rows)
-  for name, text in (("seqbench.csv", buf.getvalue()), ("seqbench.json", json.dumps(doc, indent=2) + "\n")):
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+  write_table(workdir, "seqbench", COLUMNS, rows, dict(meta, rows=rows))
 
 
 def seqbench(configs: list[tuple[str, object]], seq_lens: list[int], *, batch: int = 1, steps: int = 3,
