@@ -68,12 +68,17 @@ def cmd_bench(args, overrides) -> int:
   return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def _int_list(flag: str, text: str, example: str) -> list[int]:
+  """A comma-separated list of integers from a flag, or one ConfigError line naming it."""
+  try:
+    return [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"{flag} {text!r}: give comma-separated integers, e.g. {example}") from None
+
+
 def cmd_seqbench(args, overrides) -> int:
   from scalezoo.train.seqbench import seqbench
-  try:
-    lengths = [int(x) for x in args.seq_lens.split(",") if x.strip()]
-  except ValueError:
-    raise ConfigError(f"--seq_lens {args.seq_lens!r}: give comma-separated integers, e.g. 1024,2048,4096") from None
+  lengths = _int_list("--seq_lens", args.seq_lens, "1024,2048,4096")
   cfgs = [(spec, load_config(spec, overrides)) for spec in args.config]
   rows = seqbench(cfgs, lengths, batch=args.batch, steps=args.steps, decode_tokens=args.decode_tokens,
                   workdir=args.workdir)
@@ -83,10 +88,7 @@ def cmd_seqbench(args, overrides) -> int:
 def cmd_parbench(args, overrides) -> int:
   from scalezoo.train.parbench import parbench, read_k
   k = read_k(args.fit, args.k)
-  try:
-    batches = [int(x) for x in args.batches.split(",") if x.strip()]
-  except ValueError:
-    raise ConfigError(f"--batches {args.batches!r}: give comma-separated integers, e.g. 1,8,32") from None
+  batches = _int_list("--batches", args.batches, "1,8,32")
   rows = parbench(load_config(args.config, overrides), k=k, batches=batches, prompt_len=args.prompt_len,
                   tokens=args.tokens, scale=args.scale, workdir=args.workdir)
   return 0 if any(r["status"] == "ok" for r in rows) else 1
